@@ -1,0 +1,450 @@
+"""`RankController`: the one object a training loop talks to.
+
+    for batch in loader:
+        loss = loss_fn(model(batch)) + controller.regularizer()
+        loss.backward()
+        controller.observe()            # complete (accumulated, unscaled) gradients
+        optimizer.step()
+        controller.step(global_step)    # optimizer steps taken so far; may prune and grow
+        optimizer.zero_grad()
+
+At each allocation step of the :class:`BudgetSchedule` it scores the live triplets, proposes
+growth candidates from the gradient of ΔW captured during that step, solves the cost-aware
+allocation (:func:`allocate`), resizes the layers and re-indexes the optimizer state. New
+triplets are protected from pruning for ``protect_rounds`` allocation rounds. The decisions
+depend only on the model, the statistics and the step, so a resumed run (``state_dict``) and
+every DDP process (statistics are all-reduced, plans checked) decide the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from adarank.allocation.allocator import allocate
+from adarank.allocation.budget import BudgetSchedule
+from adarank.allocation.growth import growth_candidates
+from adarank.allocation.importance import Scorer, make_scorer
+from adarank.allocation.optim_sync import replace_parameter
+from adarank.allocation.regularizer import orthogonality_penalty
+
+__all__ = ["RankController", "AllocationEvent"]
+
+STATE_VERSION = 1
+
+
+@dataclass
+class AllocationEvent:
+    """What one allocation decided (plain data; callbacks log it)."""
+
+    step: int
+    phase: str
+    target_params: int
+    live_params: int
+    ranks: dict[str, int]
+    pruned: dict[str, int]
+    grown: dict[str, int]
+    score_summary: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    @property
+    def n_pruned(self) -> int:
+        return sum(self.pruned.values())
+
+    @property
+    def n_grown(self) -> int:
+        return sum(self.grown.values())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _dist():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            return torch.distributed
+    return None
+
+
+class RankController:
+    """Allocate adapter ranks under a parameter budget during training.
+
+    Args:
+        layers: ``{name: SVDLoRALinear}`` (e.g. ``adarank.adapter_layers(model)``).
+        schedule: the :class:`BudgetSchedule`; ``None`` observes only (ranks stay fixed).
+        scorer: ``"energy"`` (default), ``"sensitivity"`` (AdaLoRA), ``"magnitude"`` or a
+            :class:`~adarank.allocation.importance.Scorer`.
+        beta1, beta2: EMA factors of the scorer (AdaLoRA: 0.85, 0.85).
+        min_rank, max_rank: per-layer bounds (int or ``{name: int}``); ``max_rank`` may exceed
+            the initial rank, capped by each layer's capacity ``min(d_in, d_out)``.
+        grow: propose growth candidates (otherwise prune-only).
+        candidates_per_layer: growth candidates proposed per layer and allocation.
+        protect_rounds: allocation rounds during which a new triplet cannot be pruned.
+        orth_reg: γ of the orthogonality regulariser (0 disables).
+        optimizer: optimizer to keep consistent (also :meth:`attach_optimizer`).
+        seed: seed of the randomized SVD used for growth.
+    """
+
+    def __init__(
+        self,
+        layers: Mapping,
+        schedule: BudgetSchedule | None,
+        *,
+        scorer: str | Scorer = "energy",
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+        min_rank: int | Mapping[str, int] = 0,
+        max_rank: int | Mapping[str, int] | None = None,
+        grow: bool = True,
+        candidates_per_layer: int = 4,
+        protect_rounds: int = 1,
+        orth_reg: float = 0.0,
+        optimizer: torch.optim.Optimizer | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not layers:
+            raise ValueError("RankController needs at least one adapter layer")
+        if candidates_per_layer < 0 or protect_rounds < 0:
+            raise ValueError(
+                f"candidates_per_layer={candidates_per_layer} and protect_rounds={protect_rounds} "
+                "must be ≥ 0"
+            )
+        if orth_reg < 0:
+            raise ValueError(f"orth_reg={orth_reg} must be ≥ 0")
+        self.layers = dict(layers)
+        self.schedule = schedule
+        self.scorer = make_scorer(scorer, beta1, beta2)
+        self.grow = bool(grow)
+        self.candidates_per_layer = int(candidates_per_layer)
+        self.protect_rounds = int(protect_rounds)
+        self.orth_reg = float(orth_reg)
+        self.optimizer = optimizer
+        self.seed = int(seed)
+        self.min_rank = {n: self._bound(min_rank, n, 0) for n in self.layers}
+        self.max_rank = {}
+        for n, layer in self.layers.items():
+            cap = min(layer.d_in, layer.d_out)
+            hi = min(self._bound(max_rank, n, cap), cap)
+            if not 0 <= self.min_rank[n] <= hi:
+                raise ValueError(
+                    f"layer {n!r}: min_rank={self.min_rank[n]} must be in [0, max_rank={hi}]"
+                )
+            layer.max_rank = max(hi, layer.rank)
+            self.max_rank[n] = hi
+        if schedule is not None:
+            schedule.check_bounds(self.min_params(), self.max_params())
+        self.history: list[AllocationEvent] = []
+        self.global_step = 0
+        self._birth = {
+            n: torch.full((layer.rank,), -1, dtype=torch.long) for n, layer in self.layers.items()
+        }
+        self._captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._observed_since_step = False
+        self._warned: set[str] = set()
+        self.alloc_time_s = 0.0
+        self._set_capture(1)
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _bound(value, name: str, default: int) -> int:
+        if value is None:
+            return default
+        v = value.get(name, default) if isinstance(value, Mapping) else value
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"rank bound for {name!r} must be an int, got {v!r}")
+        return v
+
+    def min_params(self) -> int:
+        return sum(self.min_rank[n] * layer.triplet_cost for n, layer in self.layers.items())
+
+    def max_params(self) -> int:
+        return sum(self.max_rank[n] * layer.triplet_cost for n, layer in self.layers.items())
+
+    def ranks(self) -> dict[str, int]:
+        return {n: layer.rank for n, layer in self.layers.items()}
+
+    def live_params(self) -> int:
+        return sum(layer.live_params for layer in self.layers.values())
+
+    @property
+    def last_event(self) -> AllocationEvent | None:
+        return self.history[-1] if self.history else None
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Keep ``optimizer`` consistent with the live triplets from now on."""
+        self.optimizer = optimizer
+
+    def regularizer(self) -> torch.Tensor:
+        """γ-weighted orthogonality penalty to add to the training loss."""
+        return orthogonality_penalty(self.layers.values(), self.orth_reg)
+
+    def state_memory_bytes(self) -> int:
+        """Bytes of allocation state kept between steps (scorer + birth steps)."""
+        births = sum(t.numel() * t.element_size() for t in self._birth.values())
+        return self.scorer.memory_bytes() + births
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _set_capture(self, next_step: int) -> None:
+        s = self.schedule
+        want = (
+            s is not None
+            and self.grow
+            and self.candidates_per_layer > 0
+            and s.is_allocation_step(next_step)
+            and s.allows_growth(next_step)
+        )
+        for layer in self.layers.values():
+            layer.capture_gradient(want)
+
+    # ------------------------------------------------------------------ observe
+    def observe(self) -> None:
+        """Consume the statistics of one optimizer step (call after backward/accumulation)."""
+        self._observed_since_step = True
+        dist = _dist()
+        for name, layer in self.layers.items():
+            z_sum, count = layer.pop_stats()
+            if dist is not None:
+                buf = torch.cat(
+                    [
+                        z_sum.double(),
+                        torch.tensor([float(count)], dtype=torch.float64, device=z_sum.device),
+                    ]
+                )
+                dist.all_reduce(buf)
+                z_sum, count = buf[:-1], int(buf[-1].item())
+            z_mean = z_sum.double().cpu() / count if count else None
+            grads = [p.grad for p in (layer.lora_P, layer.lora_lambda, layer.lora_Q)]
+            bad = z_mean is not None and not bool(torch.isfinite(z_mean).all())
+            bad = bad or any(g is not None and not bool(torch.isfinite(g).all()) for g in grads)
+            if bad:
+                self._warn_once(
+                    f"nonfinite:{name}",
+                    f"non-finite gradients or statistics in {name!r}: importance update skipped",
+                )
+                continue
+            if layer.rank and any(g is None for g in grads) and self.scorer.name == "sensitivity":
+                self._warn_once(
+                    f"nograd:{name}", f"no gradient for adapter {name!r}: importance update skipped"
+                )
+                continue
+            self.scorer.update(name, layer, z_mean)
+            if layer.captured_grad is not None and layer.captured_tokens:
+                grad, xx = layer.captured_grad, layer.captured_xx
+                tokens = float(layer.captured_tokens)
+                if dist is not None:
+                    world = dist.get_world_size()
+                    grad = grad.clone()
+                    dist.all_reduce(grad)
+                    grad /= world  # DDP averages gradients across processes
+                    xx = xx.clone()
+                    dist.all_reduce(xx)
+                    t = torch.tensor([tokens], dtype=torch.float64, device=xx.device)
+                    dist.all_reduce(t)
+                    tokens = float(t.item())
+                if torch.isfinite(grad).all() and torch.isfinite(xx).all():
+                    self._captured[name] = (grad.detach().cpu(), (xx / tokens).detach().cpu())
+                else:
+                    self._warn_once(
+                        f"nonfinite-g:{name}", f"non-finite gradient capture in {name!r}"
+                    )
+            layer.capture_gradient(False)
+
+    # ------------------------------------------------------------------ step
+    def step(self, global_step: int) -> AllocationEvent | None:
+        """Call after ``optimizer.step()``; ``global_step`` = optimizer steps taken so far.
+
+        Returns:
+            the :class:`AllocationEvent` if this step re-allocated, else ``None``.
+        """
+        if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
+            raise ValueError(f"global_step={global_step!r}: expected a non-negative int")
+        self.global_step = global_step
+        event = None
+        if self.schedule is not None and self.schedule.is_allocation_step(global_step):
+            if not self._observed_since_step:
+                self._warn_once(
+                    "noobserve",
+                    "RankController.step() at an allocation step without observe() since the "
+                    "last step: call observe() after backward and before optimizer.step()",
+                )
+            event = self._allocate(global_step)
+        self._captured = {}
+        self._observed_since_step = False
+        self._set_capture(global_step + 1)
+        return event
+
+    def _allocate(self, step: int) -> AllocationEvent:
+        t0 = time.perf_counter()
+        sched = self.schedule
+        budget = sched.budget(step)
+        final = step == sched.final_start
+        protect_window = self.protect_rounds * sched.interval
+        scores, forced, costs, cands, n_live = {}, {}, {}, {}, {}
+        for i, (name, layer) in enumerate(self.layers.items()):
+            live = self.scorer.scores(name, layer).double().cpu()
+            n_live[name] = layer.rank
+            costs[name] = layer.triplet_cost
+            birth = self._birth[name]
+            protected = (birth >= 0) & (step - birth <= protect_window) & (not final)
+            cand = None
+            room = self.max_rank[name] - layer.rank
+            if name in self._captured and room > 0 and sched.allows_growth(step):
+                grad, moment = self._captured[name]
+                k = min(self.candidates_per_layer, room)
+                cand = growth_candidates(
+                    grad,
+                    moment,
+                    layer.lora_P,
+                    layer.lora_Q,
+                    k,
+                    seed=self.seed * 1_000_003 + step * 1009 + i,
+                )
+                cands[name] = cand
+                cs = self.scorer.candidate_scores(cand.sigma, cand.energy_in).cpu()
+                live = torch.cat([live, cs])
+                protected = torch.cat([protected, torch.zeros(cand.k, dtype=torch.bool)])
+            scores[name] = live
+            forced[name] = protected
+        plan = allocate(scores, costs, budget, self.min_rank, self.max_rank, forced)
+        self._check_consistent(plan, step)
+        pruned, grown = {}, {}
+        for name, layer in self.layers.items():
+            sel = plan.selected[name]
+            r = n_live[name]
+            keep = sel[sel < r]
+            new_idx = sel[sel >= r] - r
+            pruned[name] = r - keep.numel()
+            grown[name] = int(new_idx.numel())
+            if pruned[name] == 0 and grown[name] == 0:
+                continue
+            self._resize(name, layer, keep, cands.get(name), new_idx, step)
+        live_scores = torch.cat(
+            [self.scorer.scores(n, la).double().cpu() for n, la in self.layers.items()]
+        )
+        summary = {"candidates": float(sum(c.k for c in cands.values()))}
+        if live_scores.numel():
+            summary.update(
+                min=float(live_scores.min()),
+                median=float(live_scores.median()),
+                max=float(live_scores.max()),
+            )
+        self.alloc_time_s += time.perf_counter() - t0
+        event = AllocationEvent(
+            step=step,
+            phase=sched.phase(step),
+            target_params=budget,
+            live_params=self.live_params(),
+            ranks=self.ranks(),
+            pruned=pruned,
+            grown=grown,
+            score_summary=summary,
+            wall_s=time.perf_counter() - t0,
+        )
+        self.history.append(event)
+        return event
+
+    def _resize(self, name, layer, keep, cand, new_idx, step) -> None:
+        old = (layer.lora_P, layer.lora_lambda, layer.lora_Q)
+        drop = sorted(set(range(layer.rank)) - set(keep.tolist()))
+        if drop:
+            layer.prune(drop)
+        n_new = int(new_idx.numel())
+        energy = torch.zeros(0, dtype=torch.float64)
+        if n_new:
+            layer.grow(cand.p_cols[:, new_idx].float(), cand.q_rows[new_idx].float())
+            energy = cand.energy_in[new_idx].cpu()
+        if self.optimizer is not None:
+            new = (layer.lora_P, layer.lora_lambda, layer.lora_Q)
+            for o, nw, dim in zip(old, new, (1, 0, 0)):
+                if not replace_parameter(self.optimizer, o, nw, keep, n_new, dim):
+                    self._warn_once(
+                        f"noopt:{name}",
+                        f"adapter parameter of {name!r} not found in the attached optimizer",
+                    )
+        self.scorer.remap(name, keep, n_new, energy)
+        self._birth[name] = torch.cat(
+            [self._birth[name][keep], torch.full((n_new,), step, dtype=torch.long)]
+        )
+
+    def _check_consistent(self, plan, step: int) -> None:
+        dist = _dist()
+        if dist is None:
+            return
+        text = ";".join(f"{n}:{plan.selected[n].tolist()}" for n in sorted(plan.selected))
+        digest = int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
+        mine = torch.tensor([digest], dtype=torch.long)
+        if dist.get_backend() == "nccl":
+            mine = mine.cuda()
+        gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+        if len({int(g.item()) for g in gathered}) != 1:
+            raise RuntimeError(
+                f"allocation at step {step} differs across processes; statistics must be "
+                "all-reduced before allocation (is every process running the same model?)"
+            )
+
+    # ------------------------------------------------------------------ state
+    def _fingerprint(self) -> dict:
+        return {
+            "layers": {n: [la.d_out, la.d_in] for n, la in self.layers.items()},
+            "final_budget": None if self.schedule is None else self.schedule.final_budget,
+            "total_steps": None if self.schedule is None else self.schedule.total_steps,
+            "scorer": self.scorer.name,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "global_step": self.global_step,
+            "fingerprint": self._fingerprint(),
+            "ranks": self.ranks(),
+            "scorer": self.scorer.state_dict(),
+            "birth": {n: t.clone() for n, t in self._birth.items()},
+            "history": [e.to_dict() for e in self.history],
+            "alloc_time_s": self.alloc_time_s,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore; the layers must already have the saved ranks (see ``adarank.resize_to``)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unknown RankController state version {state.get('version')!r}")
+        mine, theirs = self._fingerprint(), state["fingerprint"]
+        if mine["layers"] != theirs["layers"]:
+            only_here = sorted(set(mine["layers"]) - set(theirs["layers"]))[:5]
+            only_there = sorted(set(theirs["layers"]) - set(mine["layers"]))[:5]
+            diff = [
+                n
+                for n in mine["layers"]
+                if n in theirs["layers"] and mine["layers"][n] != list(theirs["layers"][n])
+            ]
+            raise ValueError(
+                "controller state is from a different model: layers only in this model "
+                f"{only_here}, only in the checkpoint {only_there}, shape differences {diff[:5]}"
+            )
+        for key in ("final_budget", "total_steps", "scorer"):
+            if mine[key] != theirs[key]:
+                raise ValueError(
+                    f"controller state was saved with {key}={theirs[key]!r} but this run has "
+                    f"{key}={mine[key]!r}; resume with the same budget and schedule"
+                )
+        if state["ranks"] != self.ranks():
+            raise ValueError(
+                "layer ranks differ from the saved controller state; resize the layers first "
+                "(adarank.modules.resize_to(model, ranks))"
+            )
+        self.global_step = int(state["global_step"])
+        self.scorer.load_state_dict(state["scorer"])
+        self._birth = {n: t.clone().long() for n, t in state["birth"].items()}
+        self.history = [AllocationEvent(**e) for e in state["history"]]
+        self.alloc_time_s = float(state.get("alloc_time_s", 0.0))
+        self._captured = {}
+        self._set_capture(self.global_step + 1)

@@ -1,0 +1,182 @@
+r"""Per-triplet importance scores, fed once per optimizer step.
+
+Three pluggable scorers share one interface (:class:`Scorer`): ``update(layer, stats)`` from the
+complete gradients and forward statistics of one optimizer step, ``scores(layer)`` for the live
+triplets, ``candidate_scores(sigma, energy_in)`` for growth candidates on the same scale, and
+``remap(keep, n_new, init_energy)`` when the layer is resized. State is **per triplet** (a few
+floats each), not per element: it is ≪ the adapter itself.
+
+``energy`` (default) — the triplet's mean squared contribution to the layer output::
+
+    S_i = E_x ‖ΔW_i x‖² = s² λ_i² ‖p_i‖² · E[(q_iᵀ x)²]        (EMA over steps, β1)
+
+    For a regression loss ½‖y − y*‖² on the layer's output this is twice the loss increase from
+    deleting the triplet (REFERENCE §2: magnitude-aware score). A growth candidate with unit
+    directions (u, v), gradient σ = uᵀ G v (G = ∂L/∂W) and input energy c = vᵀ C v enters with
+    λ = 0; one Gauss–Newton step (unit output curvature) would give it s·λ* = σ / c, i.e. the
+    energy it is predicted to carry is ``σ² / c`` — the same units as S_i.
+
+``sensitivity`` — AdaLoRA (Zhang et al. 2023, §3.2, Eq. 8–11): sensitivity ``I = |w ∂L/∂w|``
+    averaged over the triplet's λ, P column and Q row; EMA Ī (β1) and uncertainty
+    Ū = EMA|I − Ī| (β2); score Σ_groups Ī·Ū. Candidates get the first-order sensitivity of λ at its
+    predicted value, ``σ²/c``.
+
+``magnitude`` — plain ``s |λ_i| ‖p_i‖ ‖q_i‖`` (the singular value the triplet carries);
+    candidates ``|σ| / c``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "Scorer",
+    "EnergyScorer",
+    "SensitivityScorer",
+    "MagnitudeScorer",
+    "make_scorer",
+    "SCORERS",
+]
+
+
+class Scorer:
+    """Base class: per-layer state dict of 1-D tensors indexed by live slot."""
+
+    name = "base"
+    state_keys: tuple[str, ...] = ()
+
+    def __init__(self, beta1: float = 0.85, beta2: float = 0.85) -> None:
+        for key, b in (("beta1", beta1), ("beta2", beta2)):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"{key}={b}: expected a value in [0, 1)")
+        self.beta1, self.beta2 = float(beta1), float(beta2)
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+
+    # -- state --------------------------------------------------------------------------
+    def _layer_state(self, name: str, rank: int) -> dict[str, torch.Tensor]:
+        st = self.state.get(name)
+        if st is None or next(iter(st.values())).numel() != rank:
+            st = {k: torch.zeros(rank, dtype=torch.float64) for k in self.state_keys}
+            st["seen"] = torch.zeros(rank, dtype=torch.float64)
+            self.state[name] = st
+        return st
+
+    def _ema(self, st: dict, key: str, value: torch.Tensor, beta: float) -> None:
+        fresh = st["seen"] == 0
+        st[key] = torch.where(fresh, value, beta * st[key] + (1 - beta) * value)
+
+    def remap(self, name: str, keep: torch.Tensor, n_new: int, init_energy: torch.Tensor) -> None:
+        """Re-index after prune (``keep``) then grow (``n_new`` appended slots)."""
+        st = self.state.get(name)
+        if st is None:
+            return
+        for k, v in st.items():
+            new = v.new_zeros(n_new)
+            if n_new and k == "m":  # the new direction's input energy is known from capture
+                new = init_energy.double().reshape(n_new)
+            elif n_new and k == "seen" and "m" in st:
+                new = v.new_ones(n_new)
+            st[k] = torch.cat([v[keep], new])
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values())
+
+    def state_dict(self) -> dict:
+        return {n: {k: v.clone() for k, v in st.items()} for n, st in self.state.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = {n: {k: v.clone().double() for k, v in st.items()} for n, st in state.items()}
+
+    # -- interface --------------------------------------------------------------------------
+    def update(self, name: str, layer, z_sq_mean: torch.Tensor | None) -> bool:
+        raise NotImplementedError
+
+    def scores(self, name: str, layer) -> torch.Tensor:
+        raise NotImplementedError
+
+    def candidate_scores(self, sigma: torch.Tensor, energy_in: torch.Tensor) -> torch.Tensor:
+        return sigma.double() ** 2 / energy_in.double().clamp_min(1e-12)
+
+
+def _col_norms(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lam = layer.lora_lambda.detach().double().cpu()
+    p = layer.lora_P.detach().double().cpu().norm(dim=0)
+    q = layer.lora_Q.detach().double().cpu().norm(dim=1)
+    return lam, p, q
+
+
+class EnergyScorer(Scorer):
+    """``S_i = s² λ_i² ‖p_i‖² · EMA(E[(q_iᵀx)²])`` — see module docstring."""
+
+    name = "energy"
+    state_keys = ("m",)
+
+    def update(self, name, layer, z_sq_mean):
+        st = self._layer_state(name, layer.rank)
+        if z_sq_mean is None or layer.rank == 0:
+            return False
+        self._ema(st, "m", z_sq_mean.double().cpu(), self.beta1)
+        st["seen"] = st["seen"] + 1
+        return True
+
+    def scores(self, name, layer):
+        st = self._layer_state(name, layer.rank)
+        lam, p, _ = _col_norms(layer)
+        return layer.scaling**2 * lam**2 * p**2 * st["m"]
+
+
+class SensitivityScorer(Scorer):
+    """AdaLoRA's Ī·Ū, reduced per triplet (λ, P column, Q row groups)."""
+
+    name = "sensitivity"
+    state_keys = ("i_lam", "u_lam", "i_p", "u_p", "i_q", "u_q")
+
+    def update(self, name, layer, z_sq_mean):
+        st = self._layer_state(name, layer.rank)
+        grads = (layer.lora_lambda.grad, layer.lora_P.grad, layer.lora_Q.grad)
+        if layer.rank == 0 or any(g is None for g in grads):
+            return False
+        lam_s = (layer.lora_lambda.detach() * grads[0]).abs().double().cpu()
+        p_s = (layer.lora_P.detach() * grads[1]).abs().mean(0).double().cpu()
+        q_s = (layer.lora_Q.detach() * grads[2]).abs().mean(1).double().cpu()
+        for group, sens in (("lam", lam_s), ("p", p_s), ("q", q_s)):
+            i_old = st[f"i_{group}"]
+            self._ema(st, f"i_{group}", sens, self.beta1)
+            unc = (sens - torch.where(st["seen"] == 0, sens, i_old)).abs()
+            self._ema(st, f"u_{group}", unc, self.beta2)
+        st["seen"] = st["seen"] + 1
+        return True
+
+    def scores(self, name, layer):
+        st = self._layer_state(name, layer.rank)
+        return sum(st[f"i_{g}"] * st[f"u_{g}"] for g in ("lam", "p", "q"))
+
+
+class MagnitudeScorer(Scorer):
+    """``s |λ_i| ‖p_i‖ ‖q_i‖`` (stateless)."""
+
+    name = "magnitude"
+    state_keys = ("unused",)
+
+    def update(self, name, layer, z_sq_mean):
+        self._layer_state(name, layer.rank)
+        return True
+
+    def scores(self, name, layer):
+        lam, p, q = _col_norms(layer)
+        return layer.scaling * lam.abs() * p * q
+
+    def candidate_scores(self, sigma, energy_in):
+        return sigma.double().abs() / energy_in.double().clamp_min(1e-12)
+
+
+SCORERS = {cls.name: cls for cls in (EnergyScorer, SensitivityScorer, MagnitudeScorer)}
+
+
+def make_scorer(scorer: str | Scorer, beta1: float = 0.85, beta2: float = 0.85) -> Scorer:
+    """Build a scorer by name (``energy``, ``sensitivity``, ``magnitude``) or pass one through."""
+    if isinstance(scorer, Scorer):
+        return scorer
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer={scorer!r}: expected one of {sorted(SCORERS)} or a Scorer")
+    return SCORERS[scorer](beta1=beta1, beta2=beta2)

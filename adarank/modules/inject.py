@@ -1,0 +1,260 @@
+"""Find target layers by name, swap in :class:`SVDLoRALinear`, freeze everything else.
+
+Patterns (PEFT-like ``target_modules``, with globs and regexes):
+    * ``"re:<regex>"`` — a regular expression that must match the whole qualified name;
+    * a pattern with ``* ? [`` — a shell glob (``fnmatch``) on the whole qualified name,
+      e.g. ``"*query"``, ``"*.mlp.*"``;
+    * a plain name — matches the name itself or any name ending in ``".<name>"``,
+      e.g. ``"c_attn"`` matches ``transformer.h.0.attn.c_attn``.
+
+A glob or regex selects the linear layers among the modules it matches (``"*.mlp.*"`` adapts
+GPT-2's ``c_fc`` and ``c_proj`` and skips ``act`` and ``dropout``); it is an error when it matches
+only non-linear modules. A plain name that matches a non-linear module is an error.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from adarank.modules.svd_lora import SVDLoRALinear, is_conv1d, linear_shape
+
+__all__ = [
+    "add_adapters",
+    "adapter_layers",
+    "match_name",
+    "merge_adapters",
+    "unmerge_adapters",
+    "mark_trainable",
+    "count_parameters",
+    "saved_modules",
+    "resize_to",
+]
+
+
+def match_name(name: str, pattern: str) -> bool:
+    """Whether qualified module ``name`` matches one ``target_modules`` pattern."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _as_patterns(patterns: str | Iterable[str] | None, field: str) -> list[str]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        return [patterns]
+    out = list(patterns)
+    if not all(isinstance(p, str) for p in out):
+        raise TypeError(f"{field} must be a string or a list of strings, got {patterns!r}")
+    return out
+
+
+def _is_wildcard(pattern: str) -> bool:
+    return pattern.startswith("re:") or any(ch in pattern for ch in "*?[")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def adapter_layers(model: nn.Module) -> dict[str, SVDLoRALinear]:
+    """All adapter layers of ``model`` by qualified name, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SVDLoRALinear)}
+
+
+def add_adapters(
+    model: nn.Module,
+    target_modules: str | Sequence[str],
+    init_rank: int | dict[str, int] = 8,
+    *,
+    scaling: float = 1.0,
+    max_rank: int | None = None,
+    dropout: float = 0.0,
+    modules_to_save: str | Sequence[str] | None = None,
+    adapter_dtype: torch.dtype = torch.float32,
+    seed: int | None = None,
+) -> dict[str, SVDLoRALinear]:
+    """Wrap every linear module matching ``target_modules`` with an :class:`SVDLoRALinear`.
+
+    All other parameters are frozen except those of modules matching ``modules_to_save``
+    (e.g. a classification head), which stay trainable.
+
+    Args:
+        model: any ``nn.Module`` (transformers models included); modified in place.
+        target_modules: patterns (see module docstring) selecting layers to adapt.
+        init_rank: initial live rank, one int for all or ``{qualified name: rank}``.
+        scaling: constant factor on ΔW (see :class:`SVDLoRALinear`).
+        max_rank: per-layer capacity; default ``min(d_in, d_out)``.
+        dropout: adapter input dropout.
+        modules_to_save: patterns of modules to keep trainable and save with the adapter.
+        adapter_dtype: dtype of the adapter tensors.
+        seed: seed for the orthonormal init (deterministic if given).
+
+    Returns:
+        ``{qualified_name: layer}`` of the new adapter layers.
+
+    Raises:
+        ValueError: nothing matched (the candidate linear layer names are listed), or a bad rank.
+        TypeError: a matched module is not linear.
+    """
+    patterns = _as_patterns(target_modules, "target_modules")
+    if not patterns:
+        raise ValueError("target_modules is empty: give at least one name, glob or 're:' regex")
+    save_patterns = _as_patterns(modules_to_save, "modules_to_save")
+    if adapter_layers(model):
+        raise ValueError("model already has adapters; remove them or load into a fresh model")
+    matched: list[str] = []
+    linear_names: list[str] = []
+    non_linear: dict[str, list[str]] = {p: [] for p in patterns}  # wildcard hits to report
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if _is_linear(module):
+            linear_names.append(name)
+        hits = [p for p in patterns if match_name(name, p)]
+        if not hits:
+            continue
+        if _is_linear(module):
+            matched.append(name)
+            continue
+        for p in hits:
+            if not _is_wildcard(p):  # a plain name must point at a linear layer
+                raise TypeError(
+                    f"target module {name!r} matched {p!r} but is a {type(module).__name__}; "
+                    "only torch.nn.Linear and transformers Conv1D can be adapted "
+                    "(use a more specific pattern)"
+                )
+            non_linear[p].append(f"{name} ({type(module).__name__})")
+    for p in patterns:  # a glob/regex selects the linear layers among its matches
+        if non_linear[p] and not any(match_name(n, p) for n in matched):
+            shown = ", ".join(non_linear[p][:10]) + (" ..." if len(non_linear[p]) > 10 else "")
+            raise TypeError(
+                f"target pattern {p!r} matched only modules that are not linear: [{shown}]; "
+                "only torch.nn.Linear and transformers Conv1D can be adapted"
+            )
+    if not matched:
+        shown = ", ".join(linear_names[:40]) + (" ..." if len(linear_names) > 40 else "")
+        raise ValueError(
+            f"target_modules {patterns} matched no module; candidate linear layers: [{shown}]"
+        )
+    if isinstance(init_rank, dict):
+        unknown = sorted(set(init_rank) - set(matched))
+        if unknown:
+            raise ValueError(f"init_rank names {unknown} are not among the matched layers")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers: dict[str, SVDLoRALinear] = {}
+    for name in matched:
+        base = model.get_submodule(name)
+        rank = init_rank.get(name, 0) if isinstance(init_rank, dict) else int(init_rank)
+        cap = None if max_rank is None else min(max_rank, min(linear_shape(base)))
+        layer = SVDLoRALinear(
+            base,
+            min(rank, cap) if cap is not None else rank,
+            scaling=scaling,
+            max_rank=cap,
+            dropout=dropout,
+            adapter_dtype=adapter_dtype,
+            generator=generator,
+        )
+        _set_submodule(model, name, layer)
+        layers[name] = layer
+    mark_trainable(model, save_patterns)
+    model._adarank_modules_to_save = save_patterns  # recorded for save_adapter
+    return layers
+
+
+def mark_trainable(model: nn.Module, modules_to_save: Sequence[str] = ()) -> list[str]:
+    """Make adapter parameters and ``modules_to_save`` trainable; return the saved module names."""
+    saved = []
+    for name, module in model.named_modules():
+        if name and any(match_name(name, p) for p in modules_to_save):
+            if isinstance(module, SVDLoRALinear):
+                raise ValueError(f"{name!r} is both an adapter target and in modules_to_save")
+            inner = [n for n, m in module.named_modules() if isinstance(m, SVDLoRALinear)]
+            if inner:
+                raise ValueError(
+                    f"modules_to_save entry {name!r} contains adapter layer(s) "
+                    f"{[f'{name}.{n}' for n in inner[:5]]}; save a smaller module"
+                )
+            if any(name.startswith(s + ".") for s in saved):
+                continue
+            for p in module.parameters():
+                p.requires_grad_(True)
+            saved.append(name)
+    if modules_to_save and not saved:
+        raise ValueError(f"modules_to_save {list(modules_to_save)} matched no module")
+    for layer in adapter_layers(model).values():
+        for p in (layer.lora_P, layer.lora_lambda, layer.lora_Q):
+            p.requires_grad_(True)
+    return saved
+
+
+def saved_modules(model: nn.Module) -> list[str]:
+    """Names of the modules kept trainable by ``modules_to_save`` (outermost matches)."""
+    patterns = getattr(model, "_adarank_modules_to_save", [])
+    out: list[str] = []
+    for name, _ in model.named_modules():
+        if name and any(match_name(name, p) for p in patterns):
+            if not any(name.startswith(s + ".") for s in out):
+                out.append(name)
+    return out
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Fold every adapter's ΔW into its base weight (idempotent)."""
+    for layer in adapter_layers(model).values():
+        layer.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Undo :func:`merge_adapters` (idempotent)."""
+    for layer in adapter_layers(model).values():
+        layer.unmerge()
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """``{"adapter": live adapter params, "saved": modules_to_save params, "base": frozen base}``."""
+    layers = adapter_layers(model)
+    adapter = sum(layer.live_params for layer in layers.values())
+    adapter_ids = {
+        id(p) for layer in layers.values() for p in (layer.lora_P, layer.lora_lambda, layer.lora_Q)
+    }
+    saved = sum(
+        p.numel() for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids
+    )
+    base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids) - saved
+    return {"adapter": adapter, "saved": saved, "base": base}
+
+
+def resize_to(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Resize adapter layers to ``{name: rank}`` (before loading a state dict saved at those ranks).
+
+    Raises:
+        ValueError: a name is not an adapter layer of ``model``.
+    """
+    layers = adapter_layers(model)
+    unknown = sorted(set(ranks) - set(layers))
+    if unknown:
+        raise ValueError(
+            f"ranks given for layers that are not adapters of this model: {unknown[:5]}"
+        )
+    for name, rank in ranks.items():
+        layer = layers[name]
+        if rank > layer.max_rank:
+            layer.max_rank = min(int(rank), min(layer.d_in, layer.d_out))
+        layer.set_rank(int(rank))

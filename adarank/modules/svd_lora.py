@@ -1,0 +1,357 @@
+r"""SVD-style LoRA layer with a resizable set of live triplets.
+
+The adapted weight is (AdaLoRA, Zhang et al. 2023, Eq. 1)::
+
+        x ──► W0 (frozen) ───────────────────────────────┐
+        │                                                 ▼
+        └──► Q (r, d_in) ──► ⊙ λ (r) ──► P (d_out, r) ──► (+) ──► y
+                                          × scaling
+
+    y = W0 x + scaling · P · diag(λ) · Q · x
+
+A *triplet* ``(P[:, i], λ_i, Q[i, :])`` costs ``d_in + d_out + 1`` parameters. Tensors are
+stored at exactly the **live** rank: pruning and growing replace the parameters with smaller or
+larger ones, so memory, forward cost and optimizer state follow the live rank (a rank-0 layer
+costs nothing beyond the frozen base). The layer makes no decisions; the allocation engine
+(``adarank.allocation``) tells it which slots to prune and which directions to grow.
+
+Init (default): λ = 0 and P, Q with orthonormal columns/rows (a random orthogonal basis),
+so the output at init equals the base output exactly and every triplet starts with unit-norm
+directions. With Adam, λ then moves at about ``lr`` per step in units of singular value,
+which keeps the usable learning-rate band wide (AdaLoRA's std-0.02 init makes the λ-gradients
+tiny, REFERENCE §6).
+
+Statistics for the allocator (kept here because only the forward sees the inputs):
+    * ``z_sq_sum`` — Σ over tokens of ``(Q x)²`` per live slot, i.e. the input energy along
+      each triplet's right direction, used by the energy importance score;
+    * gradient capture (``capture_gradient(True)``) — accumulates ``G = Σ δ xᵀ`` (the gradient
+      of the loss w.r.t. the full weight, d_out × d_in) and the input second moment
+      ``Σ x xᵀ`` (or its diagonal for very wide inputs) for growth and gradient-based init.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["SVDLoRALinear", "is_conv1d", "linear_shape"]
+
+#: inputs wider than this keep only the diagonal of the input second moment during capture
+FULL_COVARIANCE_MAX_DIM = 4096
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 style ``Conv1D`` (weight stored as (d_in, d_out))."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """Return ``(d_out, d_in)`` of an ``nn.Linear`` or ``Conv1D``.
+
+    Raises:
+        TypeError: if the module is neither.
+    """
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if is_conv1d(module):
+        return module.nf, module.nx
+    raise TypeError(f"expected torch.nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+def _orthonormal(rows: int, cols: int, generator: torch.Generator | None) -> torch.Tensor:
+    """A (rows, cols) matrix with orthonormal columns (rows ≥ cols) or rows (rows < cols)."""
+    g = torch.randn(max(rows, cols), min(rows, cols), generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # unique (Haar) orthogonal basis
+    return (q if rows >= cols else q.T).to(torch.float32)
+
+
+class SVDLoRALinear(nn.Module):
+    """Frozen linear layer plus a resizable ``P · diag(λ) · Q`` adapter.
+
+    Args:
+        base: ``nn.Linear`` or transformers ``Conv1D`` to wrap; its parameters are frozen.
+        rank: initial live rank r (0 allowed).
+        scaling: constant factor on ΔW. It never depends on the live rank, so pruning and
+            growing are function-preserving.
+        max_rank: capacity of the layer (upper bound for growth); default ``min(d_in, d_out)``.
+        dropout: dropout probability on the adapter's input.
+        adapter_dtype: dtype of P, λ, Q (float32 by default, also for bf16/fp16 bases).
+        generator: optional RNG for the orthonormal init.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        *,
+        scaling: float = 1.0,
+        max_rank: int | None = None,
+        dropout: float = 0.0,
+        adapter_dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.d_out, self.d_in = linear_shape(base)
+        self.transposed = is_conv1d(base)
+        full = min(self.d_in, self.d_out)
+        max_rank = full if max_rank is None else int(max_rank)
+        if not 0 < max_rank <= full:
+            raise ValueError(f"max_rank={max_rank} must be in [1, min(d_in, d_out)={full}]")
+        if not 0 <= int(rank) <= max_rank:
+            raise ValueError(f"rank={rank} must be in [0, max_rank={max_rank}]")
+        if not math.isfinite(scaling) or scaling <= 0:
+            raise ValueError(f"scaling={scaling} must be a positive finite number")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout} must be in [0, 1)")
+        self.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.scaling = float(scaling)
+        self.max_rank = max_rank
+        self.adapter_dtype = adapter_dtype
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        rank = int(rank)
+        dev = self.base_weight.device
+        self.lora_P = nn.Parameter(_orthonormal(self.d_out, rank, generator).to(dev, adapter_dtype))
+        self.lora_lambda = nn.Parameter(torch.zeros(rank, device=dev, dtype=adapter_dtype))
+        self.lora_Q = nn.Parameter(_orthonormal(rank, self.d_in, generator).to(dev, adapter_dtype))
+        # low-rank part that an init strategy moved out of W0 (W0 ← W0 − shift); kept so that
+        # adapter files can be applied to the original base weights
+        self.register_buffer("shift_P", torch.zeros(self.d_out, 0, device=dev), persistent=True)
+        self.register_buffer("shift_Q", torch.zeros(0, self.d_in, device=dev), persistent=True)
+        self._reset_stats()
+        self._capture = False
+        self._reset_capture()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def rank(self) -> int:
+        """Number of live triplets."""
+        return self.lora_lambda.shape[0]
+
+    @property
+    def triplet_cost(self) -> int:
+        """Parameters of one triplet: ``d_in + d_out + 1``."""
+        return self.d_in + self.d_out + 1
+
+    @property
+    def live_params(self) -> int:
+        return self.rank * self.triplet_cost
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, max_rank={self.max_rank}, "
+            f"scaling={self.scaling}, merged={self.merged}"
+        )
+
+    # ------------------------------------------------------------------ maths
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scaling · P diag(λ) Q in (d_out, d_in) layout, float32."""
+        P = self.lora_P.float()
+        return self.scaling * (P * self.lora_lambda.float()) @ self.lora_Q.float()
+
+    def shift_weight(self) -> torch.Tensor:
+        """The low-rank part moved out of W0 by a data-aware init, (d_out, d_in)."""
+        return self.shift_P.float() @ self.shift_Q.float()
+
+    def _add_to_base(self, delta: torch.Tensor, sign: float) -> None:
+        w = self.base_weight
+        d = delta.T if self.transposed else delta
+        with torch.no_grad():
+            w.copy_((w.float() + sign * d.to(w.device)).to(w.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self._capture and self.training and torch.is_grad_enabled():
+            out = self._attach_capture(x, out)
+        if self.merged or self.rank == 0:
+            return out
+        h = self.dropout(x).to(self.adapter_dtype)
+        z = h @ self.lora_Q.T  # (..., r)
+        if self.training and self.track_stats:
+            with torch.no_grad():
+                if self.z_sq_sum.device != z.device:
+                    self.z_sq_sum = self.z_sq_sum.to(z.device)
+                self.z_sq_sum += z.detach().float().pow(2).reshape(-1, self.rank).sum(0)
+                self.z_count += z.numel() // self.rank
+        delta = (z * self.lora_lambda) @ self.lora_P.T  # (..., d_out)
+        return out + (self.scaling * delta).to(out.dtype)
+
+    # ------------------------------------------------------------------ merge
+    def merge(self) -> None:
+        """Fold ΔW into the base weight (no-op if already merged)."""
+        if self.merged:
+            return
+        if self.rank:
+            self._add_to_base(self.delta_weight(), +1.0)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (no-op if not merged)."""
+        if not self.merged:
+            return
+        if self.rank:
+            self._add_to_base(self.delta_weight(), -1.0)
+        self.merged = False
+
+    def _check_resizable(self, what: str) -> None:
+        if self.merged:
+            raise RuntimeError(
+                f"cannot {what} a merged SVDLoRALinear: call unmerge() first (ranks can only "
+                "change while ΔW is kept separate from the base weight)"
+            )
+
+    def shift_base(self, P0: torch.Tensor, Q0: torch.Tensor) -> None:
+        """Move the low-rank matrix ``P0 @ Q0`` out of the base weight: ``W0 ← W0 − P0 Q0``.
+
+        Used by data-aware inits (PiSSA/CorDA-like) so that ``W0 + ΔW_init`` still equals the
+        original weight. The shift is recorded and saved with the adapter.
+        """
+        self._check_resizable("shift the base of")
+        if P0.shape[0] != self.d_out or Q0.shape[1] != self.d_in or P0.shape[1] != Q0.shape[0]:
+            raise ValueError(
+                f"shift factors must be (d_out={self.d_out}, k) and (k, d_in={self.d_in}), "
+                f"got {tuple(P0.shape)} and {tuple(Q0.shape)}"
+            )
+        dev = self.base_weight.device
+        P0, Q0 = P0.detach().float().to(dev), Q0.detach().float().to(dev)
+        self._add_to_base(P0 @ Q0, -1.0)
+        self.shift_P = torch.cat([self.shift_P, P0], dim=1)
+        self.shift_Q = torch.cat([self.shift_Q, Q0], dim=0)
+
+    # ------------------------------------------------------------------ resize
+    def _replace(self, P: torch.Tensor, lam: torch.Tensor, Q: torch.Tensor) -> None:
+        # new Parameter objects (the optimizer must be told, see RankController); keep the
+        # trainable/frozen state of the old ones
+        trainable = self.lora_lambda.requires_grad
+        self.lora_P = nn.Parameter(P.contiguous(), requires_grad=trainable)
+        self.lora_lambda = nn.Parameter(lam.contiguous(), requires_grad=trainable)
+        self.lora_Q = nn.Parameter(Q.contiguous(), requires_grad=trainable)
+
+    def prune(self, slots: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Remove the given live slots; the remaining ones keep their order.
+
+        Returns:
+            LongTensor ``keep`` of the old slot indices that survive (new slot ``i`` was old
+            slot ``keep[i]``), for re-indexing optimizer and scorer state.
+        """
+        self._check_resizable("prune")
+        drop = torch.as_tensor(list(slots) if not torch.is_tensor(slots) else slots)
+        drop = drop.detach().cpu().long().reshape(-1)
+        if drop.numel() and (drop.min() < 0 or drop.max() >= self.rank):
+            raise IndexError(f"prune slots {drop.tolist()} out of range for rank {self.rank}")
+        mask = torch.ones(self.rank, dtype=torch.bool)
+        mask[drop] = False
+        keep = torch.nonzero(mask).flatten()
+        dev_keep = keep.to(self.lora_lambda.device)
+        with torch.no_grad():
+            self._replace(
+                self.lora_P[:, dev_keep], self.lora_lambda[dev_keep], self.lora_Q[dev_keep]
+            )
+            self.z_sq_sum = self.z_sq_sum[dev_keep.to(self.z_sq_sum.device)]
+        return keep
+
+    def grow(
+        self,
+        p_cols: torch.Tensor,
+        q_rows: torch.Tensor,
+        lam: torch.Tensor | None = None,
+    ) -> range:
+        """Append k triplets with directions ``p_cols`` (d_out, k) and ``q_rows`` (k, d_in).
+
+        λ of the new triplets is 0 unless given, so by default the output is unchanged.
+        Growth past the initial rank is allowed up to ``max_rank``.
+
+        Returns:
+            the range of the new slot indices.
+        """
+        self._check_resizable("grow")
+        if p_cols.dim() != 2 or q_rows.dim() != 2:
+            raise ValueError("p_cols must be (d_out, k) and q_rows (k, d_in)")
+        k = p_cols.shape[1]
+        if p_cols.shape[0] != self.d_out or q_rows.shape != (k, self.d_in):
+            raise ValueError(
+                f"grow expects p_cols (d_out={self.d_out}, k) and q_rows (k, d_in={self.d_in}), "
+                f"got {tuple(p_cols.shape)} and {tuple(q_rows.shape)}"
+            )
+        if self.rank + k > self.max_rank:
+            raise ValueError(
+                f"growing {k} triplets would exceed max_rank={self.max_rank} (rank {self.rank})"
+            )
+        lam = torch.zeros(k) if lam is None else lam.reshape(k)
+        like = self.lora_lambda
+        with torch.no_grad():
+            self._replace(
+                torch.cat([self.lora_P, p_cols.to(like)], dim=1),
+                torch.cat([self.lora_lambda, lam.to(like)]),
+                torch.cat([self.lora_Q, q_rows.to(like)], dim=0),
+            )
+            self.z_sq_sum = torch.cat([self.z_sq_sum, self.z_sq_sum.new_zeros(k)])
+        return range(self.rank - k, self.rank)
+
+    def set_rank(self, rank: int) -> None:
+        """Resize to ``rank`` slots (used when loading files): truncate or pad with λ = 0.
+
+        Raises:
+            RuntimeError: if the layer is merged.
+            ValueError: if ``rank`` is not in ``[0, max_rank]``.
+        """
+        self._check_resizable("set the rank of")
+        if not 0 <= int(rank) <= self.max_rank:
+            raise ValueError(f"rank={rank} must be in [0, max_rank={self.max_rank}]")
+        rank = int(rank)
+        if rank < self.rank:
+            self.prune(range(rank, self.rank))
+        elif rank > self.rank:
+            k = rank - self.rank
+            self.grow(torch.zeros(self.d_out, k), torch.zeros(k, self.d_in))
+
+    # ------------------------------------------------------------------ statistics
+    track_stats = True
+
+    def _reset_stats(self) -> None:
+        dev = self.lora_lambda.device
+        self.z_sq_sum = torch.zeros(self.rank, device=dev)
+        self.z_count = 0
+
+    def pop_stats(self) -> tuple[torch.Tensor, int]:
+        """Return and reset ``(Σ (Q x)², token count)`` accumulated since the last call."""
+        out = (self.z_sq_sum.clone(), self.z_count)
+        self._reset_stats()
+        return out
+
+    def capture_gradient(self, enabled: bool) -> None:
+        """Start/stop accumulating the full-weight gradient and input second moment."""
+        self._capture = bool(enabled)
+        if not enabled:
+            self._reset_capture()
+
+    def _reset_capture(self) -> None:
+        self.captured_grad: torch.Tensor | None = None  # (d_out, d_in) Σ δ xᵀ
+        self.captured_xx: torch.Tensor | None = None  # (d_in, d_in) or (d_in,) Σ x xᵀ
+        self.captured_tokens = 0
+
+    def _attach_capture(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        xs = x.detach().reshape(-1, self.d_in).float()
+        with torch.no_grad():
+            xx = xs.T @ xs if self.d_in <= FULL_COVARIANCE_MAX_DIM else xs.pow(2).sum(0)
+            self.captured_xx = xx if self.captured_xx is None else self.captured_xx + xx
+            self.captured_tokens += xs.shape[0]
+        if not out.requires_grad:  # e.g. first layer of a frozen model with rank 0
+            out = out.detach().requires_grad_(True)
+
+        def hook(grad: torch.Tensor) -> None:
+            g = grad.detach().reshape(-1, self.d_out).float().T @ xs  # (d_out, d_in)
+            self.captured_grad = g if self.captured_grad is None else self.captured_grad + g
+
+        out.register_hook(hook)
+        return out
