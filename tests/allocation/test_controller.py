@@ -1,0 +1,218 @@
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from adarank.allocation import BudgetSchedule, RankController
+from adarank.models.planted import build_planted_task
+from adarank.modules import adapter_layers, add_adapters
+
+
+def make_setup(seed=0, steps=60, budget=None, rank=6, lr=5e-3, grow=True):
+    task = build_planted_task("6,3,1,0", 16, n_train=512, n_val=256, seed=seed)
+    model = copy.deepcopy(task.model)
+    layers = add_adapters(model, ["re:blocks\\.\\d+"], rank, seed=seed)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    budget = budget or task.planted_params
+    sched = BudgetSchedule(
+        final_budget=budget, total_steps=steps, warmup_steps=10, final_steps=10, interval=5
+    )
+    ctrl = RankController(layers, sched, optimizer=opt, grow=grow, seed=seed)
+    return task, model, opt, ctrl
+
+
+def run_steps(task, model, opt, ctrl, start, stop, micro=1, batch=64):
+    gen = torch.Generator().manual_seed(1234)
+    order = torch.randint(0, len(task.x_train), (stop + 1, batch), generator=gen)
+    for step in range(start + 1, stop + 1):
+        idx = order[step]
+        for chunk in idx.chunk(micro):
+            loss = task.loss(model(task.x_train[chunk]), task.y_train[chunk]) * len(chunk) / batch
+            loss.backward()
+        ctrl.observe()
+        opt.step()
+        ctrl.step(step)
+        opt.zero_grad(set_to_none=True)
+
+
+def test_final_allocation_meets_budget_and_optimizer_stays_consistent():
+    task, model, opt, ctrl = make_setup()
+    run_steps(task, model, opt, ctrl, 0, 60)
+    budget = ctrl.schedule.final_budget
+    cost = 2 * 16 + 1
+    assert budget - cost < ctrl.live_params() <= budget
+    assert ctrl.history and ctrl.history[-1].step == ctrl.schedule.final_start
+    assert any(e.n_grown for e in ctrl.history) and any(e.n_pruned for e in ctrl.history)
+    params = {id(p) for g in opt.param_groups for p in g["params"]}
+    for layer in adapter_layers(model).values():
+        for p in (layer.lora_P, layer.lora_lambda, layer.lora_Q):
+            assert id(p) in params
+            st = opt.state.get(p)
+            if st:
+                assert st["exp_avg"].shape == p.shape == st["exp_avg_sq"].shape
+
+
+def test_optimizer_state_reindexed_on_prune_and_grow():
+    torch.manual_seed(0)
+    layer = add_adapters(nn.Sequential(nn.Linear(8, 8)), ["0"], 3)["0"]
+    opt = torch.optim.Adam([layer.lora_P, layer.lora_lambda, layer.lora_Q], lr=0.1)
+    layer(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    before = opt.state[layer.lora_lambda]["exp_avg"].clone()
+    from adarank.allocation import replace_parameter
+
+    old = layer.lora_lambda
+    keep = layer.prune([1])
+    layer.grow(torch.randn(8, 2), torch.randn(2, 8))
+    assert replace_parameter(opt, old, layer.lora_lambda, keep, 2, 0)
+    after = opt.state[layer.lora_lambda]["exp_avg"]
+    assert torch.equal(after[:2], before[[0, 2]]) and torch.equal(after[2:], torch.zeros(2))
+    ids = [id(p) for p in opt.param_groups[0]["params"]]
+    assert id(layer.lora_lambda) in ids and id(old) not in ids
+
+
+def test_gradient_accumulation_matches_large_batch():
+    results = []
+    for micro in (1, 4):
+        task, model, opt, ctrl = make_setup(steps=40)
+        run_steps(task, model, opt, ctrl, 0, 40, micro=micro)
+        results.append((ctrl, model))
+    (c1, m1), (c4, m4) = results
+    assert [e.ranks for e in c1.history] == [e.ranks for e in c4.history]
+    for name in c1.layers:
+        s1 = c1.scorer.scores(name, c1.layers[name])
+        s4 = c4.scorer.scores(name, c4.layers[name])
+        assert torch.allclose(s1, s4, rtol=1e-3, atol=1e-9)
+
+
+def test_state_dict_roundtrip_gives_identical_decisions():
+    task, model, opt, ctrl = make_setup()
+    run_steps(task, model, opt, ctrl, 0, 60)
+    ref_history = [e.to_dict() for e in ctrl.history]
+    ref_model = model
+
+    task, model, opt, ctrl = make_setup()
+    run_steps(task, model, opt, ctrl, 0, 27)
+    saved = copy.deepcopy(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "ctrl": ctrl.state_dict()}
+    )
+    # fresh objects, resized to the saved ranks, then restored
+    task, model2, opt2, ctrl2 = make_setup()
+    from adarank.modules import resize_to
+
+    resize_to(model2, saved["ctrl"]["ranks"])
+    model2.load_state_dict(saved["model"])
+    opt2 = torch.optim.Adam([p for p in model2.parameters() if p.requires_grad], lr=5e-3)
+    opt2.load_state_dict(saved["opt"])
+    ctrl2 = RankController(adapter_layers(model2), ctrl2.schedule, optimizer=opt2, seed=0)
+    ctrl2.load_state_dict(saved["ctrl"])
+    run_steps(task, model2, opt2, ctrl2, 27, 60)
+    assert [e.to_dict() for e in ctrl2.history] == [
+        {**e, "wall_s": e2["wall_s"]}
+        for e, e2 in zip(ref_history, [x.to_dict() for x in ctrl2.history])
+    ]
+    for (n, a), (_, b) in zip(ref_model.state_dict().items(), model2.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_state_dict_rejects_other_model_or_budget():
+    _, _, _, ctrl = make_setup()
+    state = ctrl.state_dict()
+    _, _, _, other = make_setup(budget=500)
+    with pytest.raises(ValueError, match="final_budget"):
+        other.load_state_dict(state)
+    task = build_planted_task("2,1", 8, n_train=16, n_val=16)
+    m = copy.deepcopy(task.model)
+    layers = add_adapters(m, ["re:blocks\\.\\d+"], 1)
+    sched = BudgetSchedule(final_budget=30, total_steps=60, warmup_steps=10, final_steps=10)
+    with pytest.raises(ValueError, match="different model"):
+        RankController(layers, sched).load_state_dict(state)
+
+
+def test_pruned_direction_returns_through_growth():
+    torch.manual_seed(0)
+    task = build_planted_task("3", 16, n_train=1024, n_val=64, seed=0, noise_std=0.0)
+    model = copy.deepcopy(task.model)
+    layers = add_adapters(model, ["blocks.0"], 3, seed=0)
+    layer = layers["blocks.0"]
+    teacher = task.teacher[0].double()
+    u, s, vh = torch.linalg.svd(teacher)
+    with torch.no_grad():  # install the exact teacher, then delete its strongest triplet
+        layer.lora_P.copy_(u[:, :3].float())
+        layer.lora_lambda.copy_(s[:3].float())
+        layer.lora_Q.copy_(vh[:3].float())
+    layer.prune([0])
+    sched = BudgetSchedule(
+        final_budget=3 * 33,
+        init_budget=3 * 33,
+        total_steps=10,
+        warmup_steps=0,
+        final_steps=1,
+        interval=1,
+        grow_cooldown=0,
+    )
+    ctrl = RankController(layers, sched)
+    loss = task.loss(model(task.x_train), task.y_train)
+    loss.backward()
+    ctrl.observe()
+    event = ctrl.step(1)
+    assert event.grown["blocks.0"] == 1 and layer.rank == 3
+    new_p, new_q = layer.lora_P[:, -1].detach().double(), layer.lora_Q[-1].detach().double()
+    assert abs(float(new_p @ u[:, 0])) > 0.99 and abs(float(new_q @ vh[0])) > 0.99
+
+
+def test_none_and_nonfinite_gradients_warn_once_and_never_nan():
+    task, model, opt, ctrl = make_setup()
+    ctrl.scorer = type(ctrl.scorer).__mro__[0](0.85, 0.85)
+    from adarank.allocation import make_scorer
+
+    ctrl.scorer = make_scorer("sensitivity")
+    with pytest.warns(RuntimeWarning, match="no gradient"):
+        ctrl.observe()  # no backward yet: every grad is None
+    layer = next(iter(ctrl.layers.values()))
+    model(task.x_train[:8]).sum().backward()
+    layer.lora_lambda.grad[0] = float("nan")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        ctrl.observe()
+        ctrl.observe()
+    assert sum("non-finite" in str(w.message) for w in rec) == 1
+    for name, la in ctrl.layers.items():
+        assert torch.isfinite(ctrl.scorer.scores(name, la)).all()
+
+
+def test_energy_score_equals_output_energy_of_each_triplet():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10))
+    layers = add_adapters(model, ["0"], 3, scaling=2.0)
+    layer = layers["0"]
+    with torch.no_grad():
+        layer.lora_lambda.copy_(torch.tensor([1.0, -0.5, 2.0]))
+        layer.lora_P.mul_(1.7)
+    sched = BudgetSchedule(final_budget=40, total_steps=100)
+    ctrl = RankController(layers, sched, beta1=0.0)
+    x = torch.randn(50, 12)
+    model(x).sum().backward()
+    ctrl.observe()
+    got = ctrl.scorer.scores("0", layer)
+    for i in range(3):
+        dw_i = 2.0 * layer.lora_lambda[i] * torch.outer(layer.lora_P[:, i], layer.lora_Q[i])
+        ref = (x @ dw_i.T).pow(2).sum(1).mean()
+        assert float(got[i]) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_step_without_observe_warns():
+    task, model, opt, ctrl = make_setup()
+    with pytest.warns(RuntimeWarning, match="observe"):
+        ctrl.step(10)
+
+
+def test_scorer_state_is_small():
+    task, model, opt, ctrl = make_setup()
+    run_steps(task, model, opt, ctrl, 0, 30)
+    adapter_bytes = sum(
+        p.numel() * 4 for la in ctrl.layers.values() for p in (la.lora_P, la.lora_lambda, la.lora_Q)
+    )
+    assert ctrl.state_memory_bytes() < 0.5 * adapter_bytes
