@@ -7,7 +7,7 @@ from adarank.allocation import allocate
 
 
 def brute_force(scores, costs, budget, hi):
-    best, best_val = None, -1
+    best_val = -1.0
     names = sorted(scores)
     items = [(n, i) for n in names for i in range(len(scores[n]))]
     for mask in itertools.product([0, 1], repeat=len(items)):
@@ -18,7 +18,7 @@ def brute_force(scores, costs, budget, hi):
             continue
         val = sum(float(scores[n][i]) for n, i in chosen)
         if val > best_val:
-            best, best_val = chosen, val
+            best_val = val
     return best_val
 
 
