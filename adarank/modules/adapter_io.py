@@ -208,6 +208,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, strict: bool
             [f"re:{re.escape(n)}" for n in cfg_layers],
             {n: 0 for n in cfg_layers},
             modules_to_save=config.get("modules_to_save_patterns") or None,
+            adapter_dtype=tensors[f"{next(iter(cfg_layers))}.lora_lambda"].dtype,
         )
         layers = adapter_layers(model)
     elif config.get("modules_to_save_patterns"):

@@ -175,7 +175,7 @@ class SVDLoRALinear(nn.Module):
             out = self._attach_capture(x, out)
         if self.merged or self.rank == 0:
             return out
-        h = self.dropout(x).to(self.adapter_dtype)
+        h = self.dropout(x).to(self.lora_Q.dtype)  # the live dtype, also after module.to(dtype)
         z = h @ self.lora_Q.T  # (..., r)
         if self.training and self.track_stats:
             with torch.no_grad():

@@ -1,0 +1,376 @@
+"""SVDLoRALinear maths against independent float64 references (AdaLoRA Eq. 1, ΔW = P Λ Q)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from adarank.modules.svd_lora import SVDLoRALinear
+
+D_IN, D_OUT = 12, 10
+
+
+def make_base(kind: str, d_in: int = D_IN, d_out: int = D_OUT, seed: int = 0) -> nn.Module:
+    """An nn.Linear, or a Conv1D holding the same weights transposed (same function)."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(d_in, d_out)
+    if kind == "linear":
+        return lin
+    conv = Conv1D(d_out, d_in)
+    with torch.no_grad():
+        conv.weight.copy_(lin.weight.T)
+        conv.bias.copy_(lin.bias)
+    return conv
+
+
+def weight_bias64(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base weight in (d_out, d_in) layout and bias, float64."""
+    w = base.weight.detach().double()
+    return (w.T if isinstance(base, Conv1D) else w), base.bias.detach().double()
+
+
+def randomize(layer: SVDLoRALinear, seed: int = 1) -> None:
+    """Give every triplet a nonzero λ (and P, Q a perturbation) so ΔW ≠ 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_lambda.copy_(torch.randn(layer.rank, generator=g) + 2.0)
+        layer.lora_P.add_(0.1 * torch.randn(layer.lora_P.shape, generator=g))
+        layer.lora_Q.add_(0.1 * torch.randn(layer.lora_Q.shape, generator=g))
+
+
+def delta64(layer: SVDLoRALinear) -> torch.Tensor:
+    """ΔW = scaling · Σ_i λ_i p_i q_iᵀ by einsum in float64 (independent of the layer's code)."""
+    P, lam, Q = (t.detach().double() for t in (layer.lora_P, layer.lora_lambda, layer.lora_Q))
+    return layer.scaling * torch.einsum("or,r,ri->oi", P, lam, Q)
+
+
+def reference64(layer: SVDLoRALinear, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
+    return x.double() @ (w + delta64(layer)).T + b
+
+
+@pytest.fixture(params=["linear", "conv1d"])
+def kind(request) -> str:
+    return request.param
+
+
+def test_init_is_identity_with_orthonormal_directions(kind, seed):
+    base = make_base(kind)
+    x = torch.randn(3, 5, D_IN)
+    expected = base(x).detach().clone()
+    layer = SVDLoRALinear(base, 4)
+    assert torch.equal(layer(x), expected)
+    assert torch.equal(layer.lora_lambda.detach(), torch.zeros(4))
+    eye = torch.eye(4)
+    torch.testing.assert_close(layer.lora_P.T @ layer.lora_P, eye, atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.lora_Q @ layer.lora_Q.T, eye, atol=1e-6, rtol=0)
+    assert not any(p.requires_grad for p in base.parameters())
+
+
+def test_conv1d_and_linear_agree(seed):
+    lin = SVDLoRALinear(make_base("linear"), 3, scaling=0.5)
+    conv = SVDLoRALinear(make_base("conv1d"), 3, scaling=0.5)
+    randomize(lin)
+    with torch.no_grad():
+        for name in ("lora_P", "lora_lambda", "lora_Q"):
+            getattr(conv, name).copy_(getattr(lin, name))
+    x = torch.randn(4, D_IN)
+    torch.testing.assert_close(conv(x), lin(x), atol=1e-6, rtol=1e-6)
+    assert (conv.d_out, conv.d_in) == (lin.d_out, lin.d_in) == (D_OUT, D_IN)
+    assert conv.transposed and not lin.transposed
+
+
+def test_delta_weight_and_forward_match_float64_einsum(kind, seed):
+    base = make_base(kind)
+    w, b = weight_bias64(base)
+    layer = SVDLoRALinear(base, 5, scaling=0.25)
+    randomize(layer)
+    torch.testing.assert_close(layer.delta_weight().double(), delta64(layer), atol=1e-6, rtol=0)
+    x = torch.randn(2, 3, D_IN)
+    torch.testing.assert_close(layer(x).double(), reference64(layer, x, w, b), atol=1e-5, rtol=0)
+
+
+def test_merge_equals_unmerged_and_unmerge_restores(kind, seed):
+    base = make_base(kind)
+    w0 = base.weight.detach().clone()
+    layer = SVDLoRALinear(base, 4, scaling=2.0)
+    randomize(layer)
+    x = torch.randn(6, D_IN)
+    y = layer(x).detach()
+    for _ in range(2):  # merging twice is a no-op
+        layer.merge()
+        assert layer.merged
+        torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=0)
+    delta = layer.delta_weight()
+    merged_w = base.weight.detach()
+    torch.testing.assert_close(merged_w - w0, delta.T if kind == "conv1d" else delta)
+    for _ in range(2):
+        layer.unmerge()
+        assert not layer.merged
+        torch.testing.assert_close(base.weight.detach(), w0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=0)
+
+
+def test_resizing_a_merged_layer_raises(seed):
+    layer = SVDLoRALinear(make_base("linear"), 3)
+    layer.merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.prune([0])
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.grow(torch.randn(D_OUT, 1), torch.randn(1, D_IN))
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.set_rank(2)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.shift_base(torch.randn(D_OUT, 1), torch.randn(1, D_IN))
+    assert layer.rank == 3
+
+
+def test_grow_appends_zero_lambda_triplets_without_changing_output(kind, seed):
+    layer = SVDLoRALinear(make_base(kind), 2, max_rank=6)
+    randomize(layer)
+    x = torch.randn(5, D_IN)
+    y = layer(x).detach()
+    new = layer.grow(torch.randn(D_OUT, 3), torch.randn(3, D_IN))
+    assert list(new) == [2, 3, 4] and layer.rank == 5
+    assert torch.equal(layer.lora_lambda.detach()[2:], torch.zeros(3))
+    torch.testing.assert_close(layer(x), y, atol=1e-6, rtol=0)
+    layer.grow(torch.randn(D_OUT, 1), torch.randn(1, D_IN))  # past the initial rank, to max_rank
+    assert layer.rank == 6
+    with pytest.raises(ValueError, match="max_rank=6"):
+        layer.grow(torch.randn(D_OUT, 1), torch.randn(1, D_IN))
+    with pytest.raises(ValueError, match="d_out"):
+        layer.grow(torch.randn(D_OUT + 1, 1), torch.randn(1, D_IN))
+
+
+def test_grow_with_given_lambda_adds_that_triplet(seed):
+    base = make_base("linear")
+    w, b = weight_bias64(base)
+    layer = SVDLoRALinear(base, 1, scaling=0.5)
+    randomize(layer)
+    p, q = torch.randn(D_OUT, 1), torch.randn(1, D_IN)
+    x = torch.randn(4, D_IN)
+    before = layer(x).detach().double()
+    layer.grow(p, q, lam=torch.tensor([3.0]))
+    expected = before + 0.5 * 3.0 * (x.double() @ q.double().T) @ p.double().T
+    torch.testing.assert_close(layer(x).double(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer(x).double(), reference64(layer, x, w, b), atol=1e-5, rtol=0)
+
+
+def test_prune_zero_lambda_is_function_preserving(kind, seed):
+    layer = SVDLoRALinear(make_base(kind), 4)
+    randomize(layer)
+    with torch.no_grad():
+        layer.lora_lambda[1] = 0.0
+    x = torch.randn(5, D_IN)
+    y = layer(x).detach()
+    old_P = layer.lora_P.detach().clone()
+    keep = layer.prune([1])
+    assert keep.tolist() == [0, 2, 3] and layer.rank == 3
+    torch.testing.assert_close(layer.lora_P.detach(), old_P[:, keep])
+    torch.testing.assert_close(layer(x), y, atol=1e-6, rtol=0)
+
+
+def test_prune_nonzero_triplet_removes_exactly_its_contribution(kind, seed):
+    layer = SVDLoRALinear(make_base(kind), 4, scaling=0.7)
+    randomize(layer)
+    x = torch.randn(2, 3, D_IN)
+    y = layer(x).detach().double()
+    p2, lam2, q2 = (layer.lora_P[:, 2].double(), layer.lora_lambda[2].double(), layer.lora_Q[2])
+    contribution = 0.7 * lam2 * (x.double() @ q2.double())[..., None] * p2.detach()
+    layer.prune(torch.tensor([2]))
+    torch.testing.assert_close(layer(x).double(), y - contribution.detach(), atol=1e-5, rtol=0)
+    with pytest.raises(IndexError, match="rank 3"):
+        layer.prune([3])
+
+
+def test_rank_zero_costs_nothing_and_equals_base(kind, seed):
+    base = make_base(kind)
+    x = torch.randn(4, D_IN)
+    expected = base(x).detach().clone()
+    layer = SVDLoRALinear(base, 0)
+    assert torch.equal(layer(x), expected)
+    assert layer.lora_P.shape == (D_OUT, 0)
+    assert layer.lora_lambda.shape == (0,)
+    assert layer.lora_Q.shape == (0, D_IN)
+    assert layer.live_params == 0
+    grown = SVDLoRALinear(make_base(kind), 3)
+    randomize(grown)
+    grown.prune(range(3))  # pruning everything brings back the base function
+    assert grown.rank == 0 and torch.equal(grown(x), expected)
+
+
+def test_parameter_tensors_are_exactly_live_rank_sized(seed):
+    layer = SVDLoRALinear(make_base("linear"), 4, max_rank=8)
+    layer.prune([0, 3])
+    layer.grow(torch.randn(D_OUT, 5), torch.randn(5, D_IN))
+    r = 7
+    assert layer.rank == r
+    shapes = {n: tuple(p.shape) for n, p in layer.named_parameters() if p.requires_grad}
+    assert shapes == {"lora_P": (D_OUT, r), "lora_lambda": (r,), "lora_Q": (r, D_IN)}
+    assert layer.triplet_cost == D_IN + D_OUT + 1
+    assert (
+        layer.live_params
+        == r * (D_IN + D_OUT + 1)
+        == sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    )
+    layer.set_rank(2)
+    assert layer.lora_Q.shape == (2, D_IN)
+    layer.set_rank(4)
+    assert layer.lora_P.shape == (D_OUT, 4)
+    assert torch.equal(layer.lora_lambda.detach()[2:], torch.zeros(2))
+    with pytest.raises(ValueError, match="max_rank=8"):
+        layer.set_rank(9)
+
+
+def test_resize_keeps_frozen_state(seed):
+    layer = SVDLoRALinear(make_base("linear"), 3)
+    layer.requires_grad_(False)
+    layer.prune([0])
+    layer.grow(torch.randn(D_OUT, 1), torch.randn(1, D_IN))
+    assert not any(p.requires_grad for p in layer.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_keeps_fp32_adapter(kind, dtype, seed):
+    base = make_base(kind).to(dtype)
+    w, b = weight_bias64(base)  # the rounded half-precision weights, in float64
+    layer = SVDLoRALinear(base, 3)
+    randomize(layer)
+    assert all(p.dtype == torch.float32 for p in (layer.lora_P, layer.lora_lambda, layer.lora_Q))
+    x = torch.randn(2, 4, D_IN).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    ref = reference64(layer, x, w, b)
+    torch.testing.assert_close(y.double(), ref, atol=0.05, rtol=0.02)
+    layer.merge()
+    assert base.weight.dtype == dtype
+    torch.testing.assert_close(layer(x).double(), ref, atol=0.1, rtol=0.03)
+
+
+def test_whole_layer_cast_to_bf16_still_runs(kind, seed):
+    layer = SVDLoRALinear(make_base(kind), 3)
+    randomize(layer)
+    x = torch.randn(4, D_IN)
+    ref = layer(x).detach()
+    layer.to(torch.bfloat16)  # e.g. a trainer's "bf16-true" precision casts every parameter
+    y = layer(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
+
+
+def test_pop_stats_is_input_energy_along_q(seed):
+    layer = SVDLoRALinear(make_base("linear"), 3).train()
+    x1, x2 = torch.randn(4, 5, D_IN), torch.randn(7, D_IN)
+    layer(x1)
+    layer(x2)
+    with torch.no_grad():
+        layer.eval()(torch.randn(9, D_IN))  # eval forwards are not counted
+    tokens = torch.cat([x1.reshape(-1, D_IN), x2]).double()
+    expected = torch.einsum("ri,ni->nr", layer.lora_Q.detach().double(), tokens).pow(2).sum(0)
+    z_sq_sum, count = layer.pop_stats()
+    torch.testing.assert_close(z_sq_sum.double(), expected, atol=1e-4, rtol=1e-5)
+    assert count == 27
+    z_sq_sum, count = layer.pop_stats()  # reset by the previous call
+    assert count == 0 and torch.equal(z_sq_sum, torch.zeros(3))
+
+
+def test_stats_follow_prune_and_grow(seed):
+    layer = SVDLoRALinear(make_base("linear"), 3, max_rank=5).train()
+    layer(torch.randn(6, D_IN))
+    before = layer.z_sq_sum.clone()
+    layer.prune([1])
+    layer.grow(torch.randn(D_OUT, 2), torch.randn(2, D_IN))
+    z_sq_sum, _ = layer.pop_stats()
+    assert torch.equal(z_sq_sum, torch.cat([before[[0, 2]], torch.zeros(2)]))
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_capture_gradient_equals_full_weight_gradient(kind, rank, seed):
+    base = make_base(kind)
+    w, b = weight_bias64(base)
+    layer = SVDLoRALinear(base, rank, scaling=0.5)
+    randomize(layer)
+    ref = nn.Linear(D_IN, D_OUT)  # the same function with a trainable full weight
+    with torch.no_grad():
+        ref.weight.copy_((w + delta64(layer)).float())
+        ref.bias.copy_(b.float())
+    layer.train().capture_gradient(True)
+    xs = [torch.randn(3, 4, D_IN), torch.randn(5, D_IN)]
+    targets = [torch.randn(3, 4, D_OUT), torch.randn(5, D_OUT)]
+    for x, t in zip(xs, targets):  # two forward/backward calls accumulate
+        ((layer(x) - t) ** 2).sum().backward()
+        ((ref(x) - t) ** 2).sum().backward()
+    assert layer.captured_grad.shape == (D_OUT, D_IN)
+    torch.testing.assert_close(layer.captured_grad, ref.weight.grad, atol=1e-4, rtol=1e-5)
+    tokens = torch.cat([x.reshape(-1, D_IN) for x in xs]).double()
+    torch.testing.assert_close(layer.captured_xx.double(), tokens.T @ tokens, atol=1e-4, rtol=0)
+    assert layer.captured_tokens == 17
+    with torch.no_grad():
+        layer(xs[0])  # no capture without autograd
+    assert layer.captured_tokens == 17
+    layer.capture_gradient(False)
+    assert layer.captured_grad is None and layer.captured_xx is None
+    assert layer.captured_tokens == 0
+
+
+def test_shift_base_moves_low_rank_part_out_of_w0(kind, seed):
+    base = make_base(kind)
+    w, _ = weight_bias64(base)
+    layer = SVDLoRALinear(base, 2)
+    P0, Q0 = torch.randn(D_OUT, 2), torch.randn(2, D_IN)
+    layer.shift_base(P0, Q0)
+    w_new, _ = weight_bias64(base)
+    torch.testing.assert_close(w_new, w - P0.double() @ Q0.double(), atol=1e-5, rtol=0)
+    assert torch.equal(layer.shift_P, P0) and torch.equal(layer.shift_Q, Q0)
+    torch.testing.assert_close(layer.shift_weight(), P0 @ Q0)
+    with pytest.raises(ValueError, match="d_out=10"):
+        layer.shift_base(torch.randn(D_OUT + 1, 1), torch.randn(1, D_IN))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rank=-1), "rank=-1"),
+        (dict(rank=11), "rank=11"),
+        (dict(rank=2, max_rank=11), "max_rank=11"),
+        (dict(rank=2, scaling=0.0), "scaling=0.0"),
+        (dict(rank=2, dropout=1.0), "dropout=1.0"),
+    ],
+)
+def test_constructor_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SVDLoRALinear(make_base("linear"), **kwargs)
+
+
+def test_constructor_rejects_non_linear_base():
+    with pytest.raises(TypeError, match="LayerNorm"):
+        SVDLoRALinear(nn.LayerNorm(4), 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layer_works_on_cuda(kind, seed):
+    base = make_base(kind)
+    w, b = weight_bias64(base)
+    layer = SVDLoRALinear(base, 3, max_rank=5)
+    randomize(layer)
+    x = torch.randn(4, D_IN)
+    ref = reference64(layer, x, w, b)
+    layer = layer.cuda().train()
+    y = layer(x.cuda())
+    assert y.device.type == "cuda"
+    torch.testing.assert_close(y.cpu().double(), ref, atol=1e-4, rtol=1e-4)
+    assert layer.pop_stats()[0].device.type == "cuda"
+    layer.prune(torch.tensor([0], device="cuda"))
+    layer.grow(torch.randn(D_OUT, 2), torch.randn(2, D_IN))  # CPU directions are moved
+    assert {p.device.type for p in layer.parameters()} == {"cuda"}
+    y = layer(x.cuda()).detach()
+    layer.merge()
+    torch.testing.assert_close(layer(x.cuda()), y, atol=1e-5, rtol=1e-5)
+    layer.unmerge()
+    layer.capture_gradient(True)
+    layer(x.cuda()).sum().backward()
+    assert layer.captured_grad.device.type == "cuda"
+    torch.testing.assert_close(
+        layer.captured_grad.cpu(), torch.ones(4, D_OUT).T @ x, atol=1e-4, rtol=1e-4
+    )
