@@ -358,10 +358,12 @@ class RankController:
         if drop:
             layer.prune(drop)
         n_new = int(new_idx.numel())
-        energy = torch.zeros(0, dtype=torch.float64)
+        new_state = {}
         if n_new:
             layer.grow(cand.p_cols[:, new_idx].float(), cand.q_rows[new_idx].float())
-            energy = cand.energy_in[new_idx].cpu()
+            new_state = self.scorer.new_slot_state(
+                cand.sigma[new_idx].cpu(), cand.energy_in[new_idx].cpu(), layer.scaling
+            )
         if self.optimizer is not None:
             new = (layer.lora_P, layer.lora_lambda, layer.lora_Q)
             for o, nw, dim in zip(old, new, (1, 0, 0)):
@@ -370,7 +372,7 @@ class RankController:
                         f"noopt:{name}",
                         f"adapter parameter of {name!r} not found in the attached optimizer",
                     )
-        self.scorer.remap(name, keep, n_new, energy)
+        self.scorer.remap(name, keep, n_new, new_state)
         self._birth[name] = torch.cat(
             [self._birth[name][keep], torch.full((n_new,), step, dtype=torch.long)]
         )

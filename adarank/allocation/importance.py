@@ -3,18 +3,23 @@ r"""Per-triplet importance scores, fed once per optimizer step.
 Three pluggable scorers share one interface (:class:`Scorer`): ``update(layer, stats)`` from the
 complete gradients and forward statistics of one optimizer step, ``scores(layer)`` for the live
 triplets, ``candidate_scores(sigma, energy_in)`` for growth candidates on the same scale, and
-``remap(keep, n_new, init_energy)`` when the layer is resized. State is **per triplet** (a few
+``remap(keep, n_new, new_state)`` when the layer is resized. State is **per triplet** (a few
 floats each), not per element: it is ≪ the adapter itself.
 
-``energy`` (default) — the triplet's mean squared contribution to the layer output::
+``energy`` (default) — the energy a triplet carries in the layer output at its one-step
+Gauss–Newton optimum of λ::
 
-    S_i = E_x ‖ΔW_i x‖² = s² λ_i² ‖p_i‖² · E[(q_iᵀ x)²]        (EMA over steps, β1)
+    E_i(λ) = E_x ‖ΔW_i x‖² = s² λ² ‖p_i‖² m_i,        m_i = E[(q_iᵀ x)²]   (EMA, β1)
+    λ̂_i = λ_i − g_i / h_i,   g_i = ∂L/∂λ_i,   h_i = s² ‖p_i‖² m_i          (EMA of λ̂, β1)
+    S_i = E_i(λ̂_i)
 
-    For a regression loss ½‖y − y*‖² on the layer's output this is twice the loss increase from
-    deleting the triplet (REFERENCE §2: magnitude-aware score). A growth candidate with unit
-    directions (u, v), gradient σ = uᵀ G v (G = ∂L/∂W) and input energy c = vᵀ C v enters with
-    λ = 0; one Gauss–Newton step (unit output curvature) would give it s·λ* = σ / c, i.e. the
-    energy it is predicted to carry is ``σ² / c`` — the same units as S_i.
+    h_i is the curvature of L in λ_i for a squared loss ½‖y − y*‖² on the layer's output (unit
+    output curvature). For a converged triplet g ≈ 0 and S_i is its current output energy — twice
+    the loss increase from deleting it (REFERENCE §2, the magnitude-aware score). For a young
+    triplet still moving, S_i is the energy the gradient predicts it will carry, so it is not
+    pruned merely for being young. A growth candidate is the case λ = 0: with unit directions
+    (u, v), σ = uᵀ G v (G = ∂L/∂W) and input energy c = vᵀ C v, ``S = σ² / c`` — one score, one
+    scale, for live triplets and candidates alike.
 
 ``sensitivity`` — AdaLoRA (Zhang et al. 2023, §3.2, Eq. 8–11): sensitivity ``I = |w ∂L/∂w|``
     averaged over the triplet's λ, P column and Q row; EMA Ī (β1) and uncertainty
@@ -65,16 +70,23 @@ class Scorer:
         fresh = st["seen"] == 0
         st[key] = torch.where(fresh, value, beta * st[key] + (1 - beta) * value)
 
-    def remap(self, name: str, keep: torch.Tensor, n_new: int, init_energy: torch.Tensor) -> None:
-        """Re-index after prune (``keep``) then grow (``n_new`` appended slots)."""
+    def remap(
+        self, name: str, keep: torch.Tensor, n_new: int, new_state: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Re-index after prune (``keep``) then grow (``n_new`` appended slots).
+
+        ``new_state`` may give initial values for the new slots (e.g. ``m`` and ``lam_hat``
+        known from the growth candidate); slots with given state count as already seen.
+        """
         st = self.state.get(name)
         if st is None:
             return
+        given = {k: v for k, v in (new_state or {}).items() if k in st}
         for k, v in st.items():
             new = v.new_zeros(n_new)
-            if n_new and k == "m":  # the new direction's input energy is known from capture
-                new = init_energy.double().reshape(n_new)
-            elif n_new and k == "seen" and "m" in st:
+            if n_new and k in given:
+                new = given[k].double().reshape(n_new)
+            elif n_new and k == "seen" and given:
                 new = v.new_ones(n_new)
             st[k] = torch.cat([v[keep], new])
 
@@ -97,6 +109,10 @@ class Scorer:
     def candidate_scores(self, sigma: torch.Tensor, energy_in: torch.Tensor) -> torch.Tensor:
         return sigma.double() ** 2 / energy_in.double().clamp_min(1e-12)
 
+    def new_slot_state(self, sigma: torch.Tensor, energy_in: torch.Tensor, scaling: float) -> dict:
+        """Initial per-slot state of grown triplets (default: none, they start unseen)."""
+        return {}
+
 
 def _col_norms(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lam = layer.lora_lambda.detach().double().cpu()
@@ -106,23 +122,37 @@ def _col_norms(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 class EnergyScorer(Scorer):
-    """``S_i = s² λ_i² ‖p_i‖² · EMA(E[(q_iᵀx)²])`` — see module docstring."""
+    """Output energy at the one-step Gauss–Newton optimum of λ — see module docstring."""
 
     name = "energy"
-    state_keys = ("m",)
+    state_keys = ("m", "lam_hat")
 
     def update(self, name, layer, z_sq_mean):
         st = self._layer_state(name, layer.rank)
         if z_sq_mean is None or layer.rank == 0:
             return False
-        self._ema(st, "m", z_sq_mean.double().cpu(), self.beta1)
+        lam, p, _ = _col_norms(layer)
+        m_now = z_sq_mean.double().cpu()
+        lam_hat = lam
+        grad = layer.lora_lambda.grad
+        if grad is not None:
+            h = (layer.scaling**2 * p**2 * m_now).clamp_min(1e-12)
+            lam_hat = lam - grad.detach().double().cpu() / h
+        self._ema(st, "m", m_now, self.beta1)
+        self._ema(st, "lam_hat", lam_hat, self.beta1)
         st["seen"] = st["seen"] + 1
         return True
 
     def scores(self, name, layer):
         st = self._layer_state(name, layer.rank)
         lam, p, _ = _col_norms(layer)
-        return layer.scaling**2 * lam**2 * p**2 * st["m"]
+        lam_hat = torch.where(st["seen"] > 0, st["lam_hat"], lam)
+        return layer.scaling**2 * lam_hat**2 * p**2 * st["m"]
+
+    def new_slot_state(self, sigma: torch.Tensor, energy_in: torch.Tensor, scaling: float) -> dict:
+        """State of grown triplets: λ̂ = −σ / (s c) (the Gauss–Newton step from λ = 0)."""
+        c = energy_in.double().clamp_min(1e-12)
+        return {"m": c, "lam_hat": -sigma.double() / (scaling * c)}
 
 
 class SensitivityScorer(Scorer):

@@ -194,7 +194,7 @@ def test_energy_score_equals_output_energy_of_each_triplet():
     sched = BudgetSchedule(final_budget=40, total_steps=100)
     ctrl = RankController(layers, sched, beta1=0.0)
     x = torch.randn(50, 12)
-    model(x).sum().backward()
+    model(x)  # statistics only, no gradient: λ̂ = λ and the score is the current energy
     ctrl.observe()
     got = ctrl.scorer.scores("0", layer)
     for i in range(3):
@@ -216,3 +216,23 @@ def test_scorer_state_is_small():
         p.numel() * 4 for la in ctrl.layers.values() for p in (la.lora_P, la.lora_lambda, la.lora_Q)
     )
     assert ctrl.state_memory_bytes() < 0.5 * adapter_bytes
+
+
+def test_energy_score_predicts_the_gauss_newton_optimum_of_lambda():
+    # squared loss on the layer output with a target that wants λ = a along (u, v):
+    # the one-step Gauss-Newton λ̂ is exactly a, whatever the current λ
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10))
+    layer = add_adapters(model, ["0"], 1, scaling=1.5)["0"]
+    a = 0.8
+    with torch.no_grad():
+        layer.lora_lambda.fill_(0.2)
+    x = torch.randn(64, 12)
+    u, v = layer.lora_P[:, 0].detach(), layer.lora_Q[0].detach()
+    target = model[0].base_layer(x) + 1.5 * a * torch.outer(x @ v, u)
+    ctrl = RankController({"0": layer}, BudgetSchedule(final_budget=40, total_steps=100), beta1=0.0)
+    (0.5 * (model(x) - target).pow(2).sum(1).mean()).backward()
+    ctrl.observe()
+    m = float((x @ v).pow(2).mean())
+    assert float(ctrl.scorer.state["0"]["lam_hat"][0]) == pytest.approx(a, rel=1e-4)
+    assert float(ctrl.scorer.scores("0", layer)[0]) == pytest.approx(1.5**2 * a**2 * m, rel=1e-4)
