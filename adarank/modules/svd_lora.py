@@ -66,7 +66,9 @@ def _orthonormal(rows: int, cols: int, generator: torch.Generator | None) -> tor
     g = torch.randn(max(rows, cols), min(rows, cols), generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(g)
     q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # unique (Haar) orthogonal basis
-    return (q if rows >= cols else q.T).to(torch.float32)
+    # contiguous: QR returns column-major q, and a layout that differs from the one a resized
+    # (or checkpoint-restored) layer gets changes matmul rounding, breaking bit-exact resume
+    return (q if rows >= cols else q.T).to(torch.float32).contiguous()
 
 
 class SVDLoRALinear(nn.Module):

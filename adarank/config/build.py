@@ -1,0 +1,196 @@
+"""Turn a validated config into objects: datamodule, model with adapters, AdaRankModule.
+
+Order and injection (the only places where built objects feed each other)::
+
+    data   = instantiate(cfg.data); data.setup("fit")          bad data raises here
+    model  = instantiate(cfg.model, num_labels=data.num_labels, data=data)
+    add_adapters(model, **cfg.adapter)  → adarank.init.initialize_adapters(cfg.adapter.init)
+    module = AdaRankModule(model, data.task_type, budget=cfg.adapter.budget, **schedule,
+                           **allocation, **optimizer)              (see schema.MODULE_ARGS)
+
+:func:`check_feasible` then verifies what needs the built model (budget vs adapter capacity,
+the schedule at the real number of steps) before any run directory is written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from adarank.config.errors import ConfigError
+from adarank.config.instantiate import instantiate
+from adarank.config.schema import MODULE_ARGS
+
+__all__ = [
+    "add_config_adapters",
+    "build_data",
+    "build_model",
+    "build_module",
+    "check_feasible",
+    "estimate_total_steps",
+    "module_kwargs",
+]
+
+_HEAD_TASK = {"sequence_classification": "classification", "causal_lm": "causal_lm"}
+
+
+def _plain(cfg: DictConfig | Mapping) -> dict:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg)
+
+
+def build_data(cfg: DictConfig | Mapping, *, setup: bool = True):
+    """Instantiate ``cfg.data`` and (by default) run its ``setup`` — bad data raises here."""
+    data = instantiate(_plain(cfg)["data"], "data")
+    if setup:
+        data.setup("fit")
+    return data
+
+
+def build_model(
+    cfg: DictConfig | Mapping, data=None, *, num_labels: int | None = None
+) -> nn.Module:
+    """Instantiate ``cfg.model``, injecting ``num_labels`` and ``data`` where accepted.
+
+    Raises:
+        ConfigError: the model head does not match the data's task.
+    """
+    plain = _plain(cfg)
+    node = plain["model"]
+    task_type = getattr(data, "task_type", None)
+    head = _HEAD_TASK.get(node.get("task")) if "task" in node else None
+    if head is not None and task_type is not None and head != task_type:
+        raise ConfigError(
+            f"model.task={node['task']!r} builds a {head} head but data "
+            f"({type(data).__name__}) provides {task_type} batches"
+        )
+    injected: dict[str, Any] = {}
+    if num_labels is None and data is not None and hasattr(data, "label_names"):
+        num_labels = data.num_labels
+    if num_labels is not None:
+        injected["num_labels"] = num_labels
+    if data is not None:
+        injected["data"] = data
+    return instantiate(node, "model", **injected)
+
+
+def add_config_adapters(cfg: DictConfig | Mapping, model: nn.Module, data=None) -> dict:
+    """Add adapters per ``cfg.adapter`` and run ``adapter.init`` (returns the init report).
+
+    ``adapter.init`` other than ``"lora"`` calls ``adarank.init.initialize_adapters`` with the
+    training batches and ``adapter.init_args``.
+    """
+    from adarank.modules import add_adapters
+
+    plain = _plain(cfg)
+    ad = plain.get("adapter") or {}
+    add_adapters(
+        model,
+        ad["target_modules"],
+        ad.get("init_rank", 8),
+        scaling=float(ad.get("scaling", 1.0)),
+        max_rank=ad.get("max_rank"),
+        dropout=float(ad.get("dropout", 0.0)),
+        modules_to_save=ad.get("modules_to_save"),
+        seed=int(plain.get("seed", 0)),
+    )
+    strategy = ad.get("init", "lora")
+    init_args = dict(ad.get("init_args") or {})
+    if strategy == "lora" and not init_args:
+        return {}
+    try:
+        from adarank.init import initialize_adapters
+    except ImportError as err:
+        raise ConfigError(
+            f"adapter.init={strategy!r} needs adarank.init.initialize_adapters ({err})"
+        ) from err
+    task = getattr(data, "task_type", None)
+    batches = data.train_dataloader() if data is not None else None
+    forward_fn = None
+    if task is not None:
+        from adarank.lightning.tasks import run_task
+
+        def forward_fn(m, batch):
+            return run_task(task, m, batch)
+
+    init_args.setdefault("seed", int(plain.get("seed", 0)))
+    report = initialize_adapters(model, strategy, batches, forward_fn=forward_fn, **init_args)
+    return report.to_dict() if hasattr(report, "to_dict") else {}
+
+
+def module_kwargs(cfg: DictConfig | Mapping) -> dict[str, Any]:
+    """``AdaRankModule`` keyword arguments from the adapter/schedule/allocation/optimizer keys."""
+    plain = _plain(cfg)
+    alloc = dict(plain.get("allocation") or {})
+    enabled = alloc.pop("enabled", True)
+    kwargs: dict[str, Any] = {
+        "budget": (plain.get("adapter") or {}).get("budget") if enabled else None
+    }
+    for section, mapping in MODULE_ARGS.items():
+        node = alloc if section == "allocation" else dict(plain.get(section) or {})
+        for key, value in node.items():
+            kwargs[mapping[key]] = value
+    if kwargs.get("max_rank") is None and (plain.get("adapter") or {}).get("max_rank") is not None:
+        kwargs["max_rank"] = plain["adapter"]["max_rank"]
+    return kwargs
+
+
+def build_module(cfg: DictConfig | Mapping, model: nn.Module, data):
+    """The ``AdaRankModule`` for ``model`` and ``data``'s task."""
+    from adarank.lightning import AdaRankModule
+
+    return AdaRankModule(model, data.task_type, **module_kwargs(cfg))
+
+
+def estimate_total_steps(cfg: DictConfig | Mapping, data) -> int | None:
+    """Optimizer steps the Trainer will take (None if unbounded or unknown)."""
+    trainer = _plain(cfg).get("trainer") or {}
+    max_steps = trainer.get("max_steps", -1)
+    max_epochs = trainer.get("max_epochs")
+    accumulate = int(trainer.get("accumulate_grad_batches", 1) or 1)
+    try:
+        batches = len(data.train_dataloader())
+    except (TypeError, AttributeError, RuntimeError):
+        batches = None
+    limit = trainer.get("limit_train_batches")
+    if batches is not None and limit is not None:
+        batches = int(limit) if isinstance(limit, int) else int(batches * float(limit))
+    per_epoch = None if batches is None else max(1, math.ceil(batches / accumulate))
+    by_epochs = None
+    if per_epoch is not None and max_epochs is not None and max_epochs > 0:
+        by_epochs = per_epoch * int(max_epochs)
+    if isinstance(max_steps, int) and max_steps > 0:
+        return max_steps if by_epochs is None else min(max_steps, by_epochs)
+    if max_epochs is None and per_epoch is not None:
+        return per_epoch * 1000  # Lightning's default max_epochs
+    return by_epochs
+
+
+def check_feasible(cfg: DictConfig | Mapping, module, total_steps: int | None) -> None:
+    """Budget vs adapter capacity and the schedule at ``total_steps`` (raises ConfigError)."""
+    from adarank.config.validate import schedule_for
+    from adarank.modules import adapter_layers
+
+    budget = module.param_budget
+    if budget is None:
+        return
+    layers = adapter_layers(module.model)
+    capacity = sum(layer.max_rank * layer.triplet_cost for layer in layers.values())
+    raw = (_plain(cfg).get("adapter") or {}).get("budget")
+    if budget > capacity:
+        raise ConfigError(
+            f"adapter.budget={raw!r} = {budget} params exceeds the {capacity} params that "
+            f"{len(layers)} adapted modules can hold at their max_rank; lower the budget or "
+            "raise adapter.max_rank / add target_modules"
+        )
+    if total_steps is None:
+        return
+    try:
+        schedule_for(budget, total_steps, _plain(cfg).get("schedule") or {})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"schedule with {total_steps} optimizer steps: {err}") from err

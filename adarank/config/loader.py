@@ -1,0 +1,175 @@
+"""Load a recipe: compose its ``defaults`` fragments, apply dotted overrides, fill run defaults.
+
+Composition (documented in ``docs/recipes.md``)::
+
+    recipes/quickstart.yaml                 configs/model/minilm.yaml
+    ───────────────────────                 ─────────────────────────
+    description: ...                        model:
+    defaults:                                 _component_: adarank.models.build_hf_model
+      - model/minilm          ──merge──►      name_or_path: minilm
+      - data/rotten_tomatoes
+    trainer: {max_steps: 200}
+
+Each entry of ``defaults`` names a fragment ``configs/<entry>.yaml`` — a mapping of top-level
+sections, merged in list order. Fragments may list their own ``defaults`` (merged before their
+body). The recipe body is merged after all of its fragments, and command-line overrides
+(``trainer.max_steps=20``, ``adapter.budget=0.5%``) last. ``${a.b}`` interpolations are resolved
+after everything is merged. An entry may also be a path ending in ``.yaml`` (relative to the file
+that lists it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from adarank.config.errors import ConfigError
+
+__all__ = [
+    "configs_dir",
+    "list_recipes",
+    "load_config",
+    "parse_overrides",
+    "recipes_dir",
+    "resolve_recipe",
+]
+
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def recipes_dir() -> Path:
+    """Directory of the shipped recipes (``$ADARANK_RECIPES_DIR`` or ``<repo>/recipes``)."""
+    return Path(os.environ.get("ADARANK_RECIPES_DIR", _ROOT / "recipes"))
+
+
+def configs_dir() -> Path:
+    """Directory of the config fragments (``$ADARANK_CONFIGS_DIR`` or ``<repo>/configs``)."""
+    return Path(os.environ.get("ADARANK_CONFIGS_DIR", _ROOT / "configs"))
+
+
+def list_recipes() -> list[tuple[str, str, Path]]:
+    """``(name, description, path)`` of every shipped recipe, sorted by name."""
+    out = []
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        try:
+            desc = OmegaConf.load(path).get("description", "")
+        except OmegaConfBaseException as err:
+            desc = f"(unreadable: {err})"
+        out.append((path.stem, str(desc or "").strip().splitlines()[0] if desc else "", path))
+    return out
+
+
+def resolve_recipe(recipe: str | os.PathLike) -> Path:
+    """A recipe path, or the shipped recipe with that name.
+
+    Raises:
+        ConfigError: neither an existing file nor a shipped recipe name.
+    """
+    path = Path(recipe).expanduser()
+    if path.is_file():
+        return path
+    shipped = recipes_dir() / f"{Path(str(recipe)).stem}.yaml"
+    if path.suffix in ("", ".yaml") and path.parent == Path(".") and shipped.is_file():
+        return shipped
+    names = [n for n, _, _ in list_recipes()]
+    raise ConfigError(f"recipe {str(recipe)!r}: no such file or shipped recipe; shipped: {names}")
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except (OmegaConfBaseException, OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot parse YAML ({err})") from err
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return cfg
+
+
+def _fragment_path(entry: object, parent: Path) -> Path:
+    if not isinstance(entry, str) or not entry:
+        raise ConfigError(f"{parent}: defaults entry {entry!r}: expected a fragment name string")
+    if entry.endswith(".yaml"):
+        path = (parent.parent / entry).resolve()
+    else:
+        path = configs_dir() / f"{entry}.yaml"
+    if not path.is_file():
+        groups = sorted(
+            str(p.relative_to(configs_dir()).with_suffix("")) for p in configs_dir().rglob("*.yaml")
+        )
+        raise ConfigError(
+            f"{parent}: defaults entry {entry!r}: no fragment {path}; available: {groups}"
+        )
+    return path
+
+
+def _compose(path: Path, stack: tuple[Path, ...] = ()) -> DictConfig:
+    if path in stack:
+        chain = " -> ".join(str(p) for p in (*stack, path))
+        raise ConfigError(f"defaults cycle: {chain}")
+    body = _load_yaml(path)
+    defaults = body.pop("defaults", None) if "defaults" in body else None
+    if defaults is not None and not isinstance(defaults, ListConfig):
+        raise ConfigError(f"{path}: defaults={defaults!r}: expected a list of fragment names")
+    merged = OmegaConf.create({})
+    for entry in defaults or []:
+        merged = OmegaConf.merge(merged, _compose(_fragment_path(entry, path), (*stack, path)))
+    return OmegaConf.merge(merged, body)
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """Dotted ``key=value`` overrides (values parsed as YAML: ``1e-3``, ``[a,b]``, ``null``).
+
+    Raises:
+        ConfigError: an item without ``=`` or with an empty key.
+    """
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if "=" not in item or not key or key.startswith(".") or key.endswith("."):
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {err}") from err
+
+
+def load_config(
+    recipe: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    *,
+    resolve: bool = True,
+    now: datetime | None = None,
+) -> DictConfig:
+    """Compose a recipe, apply overrides and fill ``run.name`` / ``run.dir`` defaults.
+
+    Args:
+        recipe: path of a recipe YAML or a shipped recipe name (``"quickstart"``).
+        overrides: ``dotted.key=value`` strings, applied last.
+        resolve: resolve ``${...}`` interpolations (errors become :class:`ConfigError`).
+        now: timestamp for the default run directory (tests).
+
+    Returns:
+        the config; ``run.dir`` defaults to ``runs/<recipe>-<YYYYmmdd-HHMMSS>``.
+    """
+    path = resolve_recipe(recipe)
+    cfg = OmegaConf.merge(_compose(path), parse_overrides(overrides))
+    run = cfg.get("run")
+    if run is None:
+        cfg.run = {}
+    elif not isinstance(run, DictConfig):
+        raise ConfigError(f"run={run!r}: expected a mapping with keys name, dir")
+    if cfg.run.get("name") is None:
+        cfg.run.name = path.stem
+    if cfg.run.get("dir") is None:
+        stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+        cfg.run.dir = f"runs/{cfg.run.name}-{stamp}"
+    if resolve:
+        try:
+            OmegaConf.resolve(cfg)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"cannot resolve interpolation: {err}") from err
+    return cfg

@@ -1,0 +1,109 @@
+"""Build the Lightning ``Trainer``, its loggers and callbacks for a run directory.
+
+Run-directory layout produced through these objects::
+
+    <run.dir>/ranks.csv, budget.csv, rank_heatmap.png   RankTrajectoryLogger
+    <run.dir>/snapshots/step_XXXXXXX/                     AdapterSnapshot
+    <run.dir>/checkpoints/last.ckpt                       ModelCheckpoint (+ a final save)
+    <run.dir>/logs/csv/version_N/metrics.csv                       CSVLogger          (logger.csv)
+    <run.dir>/logs/wandb/                                 WandbLogger        (logger.wandb)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["ValidationTracker", "build_callbacks", "build_loggers", "build_trainer"]
+
+
+class ValidationTracker(Callback):
+    """Remember the optimizer step and the ``val/*`` metrics of the latest validation run.
+
+    Attributes:
+        last_step: ``trainer.global_step`` at the end of the latest validation (None: none ran).
+        metrics: ``{name: float}`` of the ``val/*`` metrics then.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_step: int | None = None
+        self.metrics: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.last_step = int(trainer.global_step)
+        self.metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
+        }
+
+
+def _plain(cfg: DictConfig | Mapping) -> dict:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg)
+
+
+def build_loggers(cfg: DictConfig | Mapping, run_dir: Path) -> list:
+    """CSV and/or W&B loggers under ``<run_dir>/logs`` per the ``logger`` section."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    plain = _plain(cfg)
+    log = plain.get("logger") or {}
+    loggers: list = []
+    if log.get("csv", True):
+        loggers.append(CSVLogger(save_dir=str(run_dir / "logs"), name="csv"))
+    if log.get("wandb", False):
+        from adarank.lightning import make_wandb_logger
+
+        loggers.append(
+            make_wandb_logger(
+                log.get("wandb_project", "adarank"),
+                run_dir / "logs",
+                log.get("wandb_mode", "offline"),
+                name=(plain.get("run") or {}).get("name"),
+            )
+        )
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig | Mapping, run_dir: Path) -> list[Callback]:
+    """Checkpoint, rank trajectory, adapter snapshots and the validation tracker."""
+    from adarank.lightning import AdapterSnapshot, RankTrajectoryLogger
+
+    cb = _plain(cfg).get("callbacks") or {}
+    every = cb.get("checkpoint_every_n_steps")
+    return [
+        ModelCheckpoint(
+            dirpath=str(run_dir / "checkpoints"),
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=every or None,
+        ),
+        RankTrajectoryLogger(
+            run_dir, heatmap_every_n_events=int(cb.get("heatmap_every_n_events", 0))
+        ),
+        AdapterSnapshot(
+            run_dir / "snapshots", every_n_steps=int(cb.get("snapshot_every_n_steps", 0))
+        ),
+        ValidationTracker(),
+    ]
+
+
+def build_trainer(cfg: DictConfig | Mapping, run_dir: Path, **overrides: Any) -> pl.Trainer:
+    """``lightning.Trainer(**cfg.trainer)`` rooted at ``run_dir`` with the run's loggers/callbacks."""
+    kwargs = dict(_plain(cfg).get("trainer") or {})
+    kwargs.update(overrides)
+    loggers = build_loggers(cfg, run_dir)
+    return pl.Trainer(
+        default_root_dir=str(run_dir),
+        logger=loggers if loggers else False,
+        callbacks=build_callbacks(cfg, run_dir),
+        **kwargs,
+    )

@@ -1,0 +1,305 @@
+"""Check a composed config without building anything (no model, no data loading).
+
+Checks: unknown sections and keys (against :mod:`adarank.config.schema` and, for ``model``,
+``data`` and ``trainer``, the signatures of the builders and of ``lightning.Trainer``), value
+types, the budget string, the init strategy, the budget schedule (a ``BudgetSchedule`` is
+constructed when the number of steps is known — it is a pure dataclass), and data files and
+their columns (the header only is read). Every problem is collected, then one
+:class:`ConfigError` lists them all; each message names the key, the value and what was
+expected.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from adarank.config.errors import ConfigError
+from adarank.config.instantiate import (
+    COMPONENT_KEY,
+    check_arguments,
+    check_type,
+    get_component,
+    signature_params,
+)
+from adarank.config.schema import (
+    ADAPTER_KEYS,
+    CALLBACK_KEYS,
+    COMPONENT_SECTIONS,
+    LOGGER_KEYS,
+    MODULE_ARGS,
+    RUN_KEYS,
+    SECTIONS,
+    TRAINER_RESERVED,
+    init_strategies,
+    module_section_keys,
+)
+
+__all__ = ["schedule_for", "validate_config"]
+
+_WANDB_MODES = ("online", "offline", "disabled")
+_OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+def _name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _check_keys(section: str, node: Any, schema: Mapping[str, Any]) -> list[str]:
+    if node is None:
+        return []
+    if not isinstance(node, Mapping):
+        return [f"{section}={node!r}: expected a mapping with keys {sorted(schema)}"]
+    problems = []
+    for key, value in node.items():
+        if key not in schema:
+            problems.append(
+                f"{section}.{key}={value!r}: unknown key; expected one of {sorted(schema)}"
+            )
+        elif not isinstance(schema[key], str) and not check_type(value, schema[key]):
+            problems.append(
+                f"{section}.{key}={value!r}: wrong type {type(value).__name__}; "
+                f"expected {_name(schema[key])}"
+            )
+    return problems
+
+
+def _trainer_problems(node: Any) -> list[str]:
+    import lightning
+
+    params = signature_params(lightning.Trainer)
+    try:
+        hints = typing.get_type_hints(lightning.Trainer.__init__)
+    except Exception:
+        hints = {}
+    schema = {n: hints.get(n, p.annotation) for n, p in params.items() if n not in TRAINER_RESERVED}
+    problems = []
+    if isinstance(node, Mapping):
+        for key in list(node):
+            if key in TRAINER_RESERVED:
+                problems.append(
+                    f"trainer.{key}={node[key]!r}: not settable here; {TRAINER_RESERVED[key]}"
+                )
+        node = {k: v for k, v in node.items() if k not in TRAINER_RESERVED}
+        problems += [
+            p.replace("unknown key", "unknown lightning.Trainer argument")
+            for p in _check_keys("trainer", node, schema)
+        ]
+    else:
+        problems += _check_keys("trainer", node, schema)
+    return problems
+
+
+def _budget_problems(adapter: Mapping) -> tuple[list[str], int | None]:
+    budget = adapter.get("budget")
+    if budget is None:
+        return [], None
+    from adarank.allocation import resolve_budget
+
+    try:
+        # percentages need the base model size; use a large stand-in to check the syntax only
+        value = resolve_budget(budget, 10**12, field="adapter.budget")
+    except (TypeError, ValueError) as err:
+        return [str(err)], None
+    is_pct = isinstance(budget, str) and budget.strip().endswith("%")
+    return [], None if is_pct else value
+
+
+def schedule_for(final_budget: int, total_steps: int, schedule: Mapping):
+    """The ``BudgetSchedule`` that ``AdaRankModule`` will build from the ``schedule`` section.
+
+    Mirrors ``AdaRankModule._build_schedule`` (defaults taken from its signature), so impossible
+    schedules are reported before anything is built.
+
+    Raises:
+        ValueError / TypeError: from ``BudgetSchedule`` validation.
+    """
+    from adarank.allocation import BudgetSchedule
+    from adarank.lightning import AdaRankModule
+
+    params = signature_params(AdaRankModule)
+    hp = {k: params[k].default for k in MODULE_ARGS["schedule"].values()}
+    hp.update({MODULE_ARGS["schedule"][k]: v for k, v in schedule.items()})
+    total_steps = int(hp["total_steps"] or total_steps)
+    warm = (
+        hp["warmup_steps"]
+        if hp["warmup_steps"] is not None
+        else round(hp["warmup_frac"] * total_steps)
+    )
+    final = (
+        hp["final_steps"]
+        if hp["final_steps"] is not None
+        else round(hp["final_frac"] * total_steps)
+    )
+    return BudgetSchedule(
+        final_budget=final_budget,
+        total_steps=total_steps,
+        init_budget=max(final_budget, round(hp["init_budget_ratio"] * final_budget)),
+        warmup_steps=int(warm),
+        final_steps=int(final),
+        decay=hp["decay"],
+        interval=int(hp["interval"]),
+    )
+
+
+def _schedule_problems(cfg: Mapping, final_budget: int | None) -> list[str]:
+    alloc = cfg.get("allocation") or {}
+    if isinstance(alloc, Mapping) and alloc.get("enabled") is False:
+        return []
+    adapter = cfg.get("adapter") or {}
+    if isinstance(adapter, Mapping) and adapter.get("budget") is None:
+        return [
+            "adapter.budget=None: adaptive allocation needs a budget; set adapter.budget "
+            "(e.g. 150000 or '0.5%') or allocation.enabled=false"
+        ]
+    trainer = cfg.get("trainer") or {}
+    steps = trainer.get("max_steps", -1) if isinstance(trainer, Mapping) else -1
+    schedule = cfg.get("schedule") or {}
+    if isinstance(schedule, Mapping) and schedule.get("total_steps"):
+        steps = schedule["total_steps"]
+    if not isinstance(steps, int) or steps <= 0 or not isinstance(schedule, Mapping):
+        return []  # the number of steps is known only once the data is loaded: checked in fit
+    try:
+        schedule_for(final_budget or 1000, steps, schedule)
+    except (TypeError, ValueError) as err:
+        return [
+            f"schedule with {steps} total steps (trainer.max_steps / schedule.total_steps): {err}"
+        ]
+    return []
+
+
+def _data_file_problems(data: Mapping) -> list[str]:
+    problems = []
+    try:
+        params = signature_params(get_component(data[COMPONENT_KEY], "data._component_"))
+    except (ConfigError, KeyError):
+        return []
+
+    def arg(name: str) -> Any:
+        if name in data:
+            return data[name]
+        p = params.get(name)
+        return None if p is None or p.default is inspect.Parameter.empty else p.default
+
+    from adarank.data.files import check_table, table_format
+
+    for key in ("train_file", "val_file"):
+        path = data.get(key)
+        if path is None:
+            continue
+        if not isinstance(path, str):
+            continue  # reported as a type problem
+        if not Path(path).expanduser().is_file():
+            problems.append(f"data.{key}={path!r}: file not found; expected an existing file")
+            continue
+        columns = [arg(c) for c in ("text_column", "label_column") if c in params]
+        if not columns:
+            continue
+        try:
+            table_format(path)
+            check_table(path, [c for c in columns if isinstance(c, str)])
+        except (ValueError, FileNotFoundError) as err:
+            problems.append(f"data.{key}={path!r}: {err}")
+    return problems
+
+
+def _model_problems(model: Mapping) -> list[str]:
+    name = model.get("name_or_path")
+    if (
+        isinstance(name, str)
+        and name.startswith((".", "/", "~"))
+        and not Path(name).expanduser().is_dir()
+    ):
+        return [
+            f"model.name_or_path={name!r}: directory not found; expected a local model dir, "
+            "a hub id, or minilm / tiny-bert / tiny-gpt2"
+        ]
+    return []
+
+
+def validate_config(cfg: DictConfig | Mapping) -> None:
+    """Raise :class:`ConfigError` listing every problem of ``cfg`` (nothing is built).
+
+    Args:
+        cfg: a composed config (see :func:`adarank.config.load_config`).
+    """
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    problems: list[str] = []
+    for key, value in plain.items():
+        if key not in SECTIONS:
+            problems.append(
+                f"{key}={value!r}: unknown top-level section; expected one of {list(SECTIONS)}"
+            )
+    if "description" in plain and not isinstance(plain["description"], str):
+        problems.append(f"description={plain['description']!r}: expected a string")
+    seed = plain.get("seed", 0)
+    if not check_type(seed, int):
+        problems.append(f"seed={seed!r}: wrong type {type(seed).__name__}; expected int")
+    problems += _check_keys("run", plain.get("run"), RUN_KEYS)
+    for section in COMPONENT_SECTIONS:
+        node = plain.get(section)
+        if not isinstance(node, Mapping):
+            problems.append(
+                f"{section}={node!r}: missing or not a mapping; expected {COMPONENT_KEY} and the builder's arguments"
+            )
+            continue
+        problems += check_arguments(node, section)
+    if isinstance(plain.get("model"), Mapping):
+        problems += _model_problems(plain["model"])
+    if isinstance(plain.get("data"), Mapping) and COMPONENT_KEY in plain["data"]:
+        problems += _data_file_problems(plain["data"])
+    adapter = plain.get("adapter") or {}
+    problems += _check_keys("adapter", adapter, ADAPTER_KEYS)
+    final_budget = None
+    if isinstance(adapter, Mapping):
+        if adapter.get("target_modules") in (None, [], ""):
+            problems.append(
+                f"adapter.target_modules={adapter.get('target_modules')!r}: expected at least one module name pattern"
+            )
+        init = adapter.get("init", "lora")
+        if isinstance(init, str) and init not in init_strategies():
+            problems.append(
+                f"adapter.init={init!r}: unknown strategy; expected one of {list(init_strategies())}"
+            )
+        rank = adapter.get("init_rank")
+        if isinstance(rank, int) and not isinstance(rank, bool) and rank < 0:
+            problems.append(f"adapter.init_rank={rank!r}: expected an integer ≥ 0")
+        for key in ("dropout",):
+            v = adapter.get(key)
+            if isinstance(v, (int, float)) and not 0 <= v < 1:
+                problems.append(f"adapter.{key}={v!r}: expected a number in [0, 1)")
+        budget_problems, final_budget = _budget_problems(adapter)
+        problems += budget_problems
+    for section in ("schedule", "allocation", "optimizer"):
+        problems += _check_keys(section, plain.get(section), module_section_keys(section))
+    opt = plain.get("optimizer") or {}
+    if isinstance(opt, Mapping):
+        if opt.get("name", "adamw") not in _OPTIMIZERS:
+            problems.append(
+                f"optimizer.name={opt.get('name')!r}: expected one of {list(_OPTIMIZERS)}"
+            )
+        lr = opt.get("lr")
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr <= 0:
+            problems.append(f"optimizer.lr={lr!r}: expected a positive number")
+        wr = opt.get("warmup_ratio", 0.0)
+        if isinstance(wr, (int, float)) and not 0 <= wr < 1:
+            problems.append(f"optimizer.warmup_ratio={wr!r}: expected a fraction in [0, 1)")
+    problems += _trainer_problems(plain.get("trainer") or {})
+    problems += _check_keys("logger", plain.get("logger"), LOGGER_KEYS)
+    log = plain.get("logger") or {}
+    if isinstance(log, Mapping) and log.get("wandb_mode") not in (None, *_WANDB_MODES):
+        problems.append(
+            f"logger.wandb_mode={log.get('wandb_mode')!r}: expected one of {list(_WANDB_MODES)} or null"
+        )
+    problems += _check_keys("callbacks", plain.get("callbacks"), CALLBACK_KEYS)
+    if not problems:
+        problems += _schedule_problems(plain, final_budget)
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,19 @@
+"""Datamodules: text classification (files or built-in corpora), causal LM, planted task."""
+
+from adarank.data.causal_lm import CausalLMDataModule
+from adarank.data.classification import TextClassificationDataModule
+from adarank.data.files import check_table, read_columns, read_header, table_format
+from adarank.data.planted import PlantedDataModule
+from adarank.data.rotten_tomatoes import corpus_path, load_rotten_tomatoes
+
+__all__ = [
+    "CausalLMDataModule",
+    "PlantedDataModule",
+    "TextClassificationDataModule",
+    "check_table",
+    "corpus_path",
+    "load_rotten_tomatoes",
+    "read_columns",
+    "read_header",
+    "table_format",
+]

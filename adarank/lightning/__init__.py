@@ -1,0 +1,21 @@
+"""The Lightning training system: :class:`AdaRankModule` and its callbacks.
+
+* :class:`AdaRankModule` — model + task loss + metrics + the ``RankController``;
+* :class:`RankTrajectoryLogger` — rank trajectory to every logger, ``ranks.csv``/``budget.csv``/
+  ``rank_heatmap.png`` in the run directory;
+* :class:`AdapterSnapshot` — native adapter directories during training;
+* :func:`make_wandb_logger` — a W&B logger that is offline without an API key and never hangs.
+"""
+
+from adarank.lightning.module import AdaRankModule
+from adarank.lightning.snapshot import AdapterSnapshot
+from adarank.lightning.trajectory import RankTrajectoryLogger
+from adarank.lightning.wandb_utils import make_wandb_logger, resolve_wandb_mode
+
+__all__ = [
+    "AdaRankModule",
+    "AdapterSnapshot",
+    "RankTrajectoryLogger",
+    "make_wandb_logger",
+    "resolve_wandb_mode",
+]

@@ -1,0 +1,138 @@
+"""What an ``AdaRankModule`` adds to Lightning checkpoints, and how it is restored.
+
+Lightning restores a checkpoint in this order (``Trainer._run``): ``on_load_checkpoint`` →
+``load_state_dict`` → ``configure_optimizers`` → optimizer/scheduler/loop states. Adapter
+tensors are stored at their live rank, so before the state dict can be loaded every layer is
+resized (:func:`restore_layers`) to the rank recorded in the checkpoint; the controller's state is
+handed back to the module, which loads it once ``configure_optimizers`` has built the controller.
+
+Checkpoint entry ``checkpoint["adarank"]``::
+
+    version        format version (1)
+    layers         {name: {"d_out", "d_in", "max_rank", "rank", "shift_rank"}}
+    param_budget   resolved final budget (None: allocation off)
+    base_params    frozen base-model parameters
+    controller     RankController.state_dict() (None before configure_optimizers / allocation off)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from adarank.modules import adapter_layers
+
+__all__ = ["KEY", "adarank_state", "check_strategy", "restore_layers"]
+
+KEY = "adarank"
+VERSION = 1
+
+
+def _layer_info(pl_module: pl.LightningModule) -> dict[str, dict[str, int]]:
+    return {
+        name: {
+            "d_out": layer.d_out,
+            "d_in": layer.d_in,
+            "max_rank": layer.max_rank,
+            "rank": layer.rank,
+            "shift_rank": int(layer.shift_P.shape[1]),
+        }
+        for name, layer in adapter_layers(pl_module.model).items()
+    }
+
+
+def adarank_state(pl_module: pl.LightningModule) -> dict[str, Any]:
+    """The ``checkpoint["adarank"]`` entry for ``pl_module`` (see module docstring)."""
+    controller = pl_module.controller
+    return {
+        "version": VERSION,
+        "layers": _layer_info(pl_module),
+        "param_budget": pl_module.param_budget,
+        "base_params": pl_module.base_params,
+        "controller": None if controller is None else controller.state_dict(),
+    }
+
+
+def _describe_mismatch(saved: dict, current: dict) -> str:
+    missing = sorted(set(saved) - set(current))
+    extra = sorted(set(current) - set(saved))
+    lines = []
+    if missing:
+        lines.append(f"adapter layers in the checkpoint but not in the model: {missing[:10]}")
+    if extra:
+        lines.append(f"adapter layers in the model but not in the checkpoint: {extra[:10]}")
+    for name in sorted(set(saved) & set(current)):
+        s, c = saved[name], current[name]
+        shape_s = (s["d_out"], s["d_in"], s["max_rank"])
+        shape_c = (c["d_out"], c["d_in"], c["max_rank"])
+        if shape_s != shape_c:
+            lines.append(
+                f"layer {name!r}: checkpoint (d_out, d_in, max_rank)={shape_s}, model {shape_c}"
+            )
+    return "; ".join(lines[:12])
+
+
+def restore_layers(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> dict | None:
+    """Check the checkpoint matches ``pl_module`` and resize its layers to the saved ranks.
+
+    Returns:
+        the saved controller state (or None), to load once the controller exists.
+
+    Raises:
+        ValueError: the checkpoint has no adarank entry, comes from a different model (layer
+            names or shapes), or was trained for a different budget.
+    """
+    state = checkpoint.get(KEY)
+    if not isinstance(state, dict) or "layers" not in state:
+        raise ValueError(
+            "this checkpoint was not written by adarank.AdaRankModule (no 'adarank' entry); "
+            "load plain weights with adarank.load_adapter or torch instead"
+        )
+    if state.get("version") != VERSION:
+        raise ValueError(f"adarank checkpoint version {state.get('version')!r}, expected {VERSION}")
+    current = _layer_info(pl_module)
+    mismatch = _describe_mismatch(state["layers"], current)
+    if mismatch:
+        raise ValueError(f"checkpoint does not match this model's adapters: {mismatch}")
+    if state.get("param_budget") != pl_module.param_budget:
+        raise ValueError(
+            f"checkpoint was trained with param_budget={state.get('param_budget')} but this module "
+            f"has param_budget={pl_module.param_budget}; resume with the same budget (or start a "
+            "new run and load only the adapter with adarank.load_adapter)"
+        )
+    layers = adapter_layers(pl_module.model)
+    for name, info in state["layers"].items():
+        layer = layers[name]
+        layer.set_rank(int(info["rank"]))
+        k = int(info.get("shift_rank", 0))
+        if layer.shift_P.shape[1] != k:  # shapes only; values come from the state dict
+            layer.shift_P = torch.zeros(layer.d_out, k, device=layer.shift_P.device)
+            layer.shift_Q = torch.zeros(k, layer.d_in, device=layer.shift_Q.device)
+    return state.get("controller")
+
+
+def check_strategy(trainer: pl.Trainer, allocation: bool) -> None:
+    """Reject strategies that cannot follow parameter replacement (FSDP, DeepSpeed).
+
+    Sharded strategies flatten parameters into shared buffers at wrap time; pruning and growing
+    replace ``nn.Parameter`` objects, which those buffers cannot follow. Fixed-rank training
+    (``budget=None``) is allowed under any strategy.
+
+    Raises:
+        ValueError: allocation requested under an unsupported strategy.
+    """
+    if not allocation:
+        return
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)):
+        return
+    raise ValueError(
+        f"rank allocation (budget set) is not supported with {type(strategy).__name__}: it "
+        "replaces adapter parameters during training, which sharded strategies (FSDP, "
+        "DeepSpeed) cannot follow. Use strategy='ddp' (adapters are small, so replicating them "
+        "costs little), or train at fixed ranks with budget=None."
+    )

@@ -1,0 +1,284 @@
+"""``AdaRankModule``: a LightningModule that trains adapters and re-allocates their ranks.
+
+Where each piece of AdaRank (Zhang et al. 2023, §3) happens in Lightning's loop::
+
+    training_step          task loss + γ·R(P, Q)  (orthogonality term, Eq. 4; logged separately)
+    backward (× accumulate_grad_batches)
+    on_before_optimizer_step   controller.observe() (sums its statistics over processes)
+                               (gradients complete: after accumulation and AMP unscaling)
+    optimizer_step         optimizer.step(); controller.step(global_step)  (prune / grow, §3.3)
+                           → under DDP: decisions checked equal on all processes, DDP re-wrapped
+    callbacks' on_train_batch_end   (loggers and checkpoints see the new ranks)
+
+``global_step`` counts optimizer steps, never micro-batches, so gradient accumulation changes
+neither the schedule nor the decisions. The controller is built in ``configure_optimizers``,
+when ``trainer.estimated_stepping_batches`` gives the schedule's length.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from typing_extensions import override
+
+from adarank.allocation import BudgetSchedule, resolve_budget
+from adarank.allocation.regularizer import orthogonality_penalty
+from adarank.lightning import checkpointing, distributed
+from adarank.lightning.optim import OPTIMIZERS, build_optimizer, linear_warmup_decay
+from adarank.lightning.tasks import build_metrics, check_task, compute_metrics, run_task
+from adarank.lightning.tasks import update_metrics as _update_metrics
+from adarank.modules import adapter_layers, count_parameters
+
+__all__ = ["AdaRankModule"]
+
+
+def _batch_size(batch: Any) -> int:
+    if torch.is_tensor(batch):
+        return int(batch.shape[0])
+    if isinstance(batch, (tuple, list)) and batch:
+        return _batch_size(batch[0])
+    if isinstance(batch, dict):
+        for key in ("input_ids", "x", "inputs", "labels"):
+            if key in batch:
+                return _batch_size(batch[key])
+        return _batch_size(next(iter(batch.values())))
+    return 1
+
+
+def _check_frac(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+        raise ValueError(f"{name}={value!r} must be a fraction in [0, 1)")
+
+
+class AdaRankModule(pl.LightningModule):
+    """Train a model that has SVD-LoRA adapters, with ranks allocated under a parameter budget.
+
+    Args:
+        model: a ``torch.nn.Module`` (transformers models included) with adapters already added
+            (:func:`adarank.add_adapters`).
+        task: ``"classification"``, ``"causal_lm"`` or ``"regression"``
+            (see :mod:`adarank.lightning.tasks` for batches, losses and metric keys).
+        budget: final adapter parameter budget b_T — an int, ``"150k"`` or a percentage of the
+            frozen base parameters (``"0.5%"``); None trains at fixed ranks (allocation off).
+        init_budget_ratio: b_0 / b_T, the budget during warm-up (AdaLoRA uses ≈ 1.5).
+        warmup_frac: fraction of the optimizer steps before the first allocation (t_w).
+        final_frac: fraction of steps at the end with the rank pattern frozen (t_f).
+        warmup_steps: t_w in steps (overrides ``warmup_frac``).
+        final_steps: t_f in steps (overrides ``final_frac``).
+        interval: ΔT, optimizer steps between allocations.
+        decay: budget decay ``"cubic"``, ``"linear"`` or ``"constant"``.
+        min_rank: lower bound on every layer's rank.
+        max_rank: upper bound on every layer's rank (None: each layer's capacity).
+        scorer: importance score name passed to the controller (e.g. ``"energy"``).
+        grow: allow growing new triplets (else prune only).
+        orth_reg: γ of the orthogonality regulariser (0 disables it).
+        lr: learning rate of the adapters.
+        head_lr: learning rate of the ``modules_to_save`` parameters (default ``lr``).
+        weight_decay: weight decay of P, Q and head matrices (never of λ, biases, norms).
+        optimizer: ``"adamw"``, ``"adam"`` or ``"sgd"``.
+        warmup_ratio: fraction of steps of linear learning-rate warm-up (then linear decay).
+        total_steps: optimizer steps of the run; None uses ``trainer.estimated_stepping_batches``.
+        num_classes: classes for classification metrics (default ``model.config.num_labels``).
+
+    Attributes:
+        controller: the ``RankController`` (None before ``configure_optimizers`` and when
+            ``budget`` is None).
+        param_budget: the resolved final budget in parameters (None: allocation off).
+        base_params: number of frozen base-model parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: str,
+        *,
+        budget: int | float | str | None = None,
+        init_budget_ratio: float = 1.5,
+        warmup_frac: float = 0.1,
+        final_frac: float = 0.2,
+        warmup_steps: int | None = None,
+        final_steps: int | None = None,
+        interval: int = 10,
+        decay: str = "cubic",
+        min_rank: int = 0,
+        max_rank: int | None = None,
+        scorer: str = "energy",
+        grow: bool = True,
+        orth_reg: float = 0.0,
+        lr: float = 1e-3,
+        head_lr: float | None = None,
+        weight_decay: float = 0.0,
+        optimizer: str = "adamw",
+        warmup_ratio: float = 0.06,
+        total_steps: int | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.task = check_task(task)
+        if not adapter_layers(model):
+            raise ValueError(
+                "model has no adapter layers: call adarank.add_adapters(model, ...) first"
+            )
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r} must be one of {list(OPTIMIZERS)}")
+        for name, value in (("warmup_frac", warmup_frac), ("final_frac", final_frac)):
+            _check_frac(name, value)
+        _check_frac("warmup_ratio", warmup_ratio)
+        if not (math.isfinite(init_budget_ratio) and init_budget_ratio >= 1.0):
+            raise ValueError(f"init_budget_ratio={init_budget_ratio} must be >= 1")
+        if orth_reg < 0:
+            raise ValueError(f"orth_reg={orth_reg} must be >= 0")
+        if total_steps is not None and (isinstance(total_steps, bool) or int(total_steps) < 1):
+            raise ValueError(f"total_steps={total_steps!r} must be a positive int or None")
+        self.model = model
+        self.base_params = count_parameters(model)["base"]
+        self.param_budget = None if budget is None else resolve_budget(budget, self.base_params)
+        if self.task == "classification" and num_classes is None:
+            num_classes = getattr(getattr(model, "config", None), "num_labels", None)
+        self.val_metrics = build_metrics(self.task, num_classes)
+        self.save_hyperparameters(ignore=["model"])
+        self.controller = None
+        self.schedule: BudgetSchedule | None = None
+        self._pending_controller_state: dict | None = None
+
+    # ------------------------------------------------------------------ forward / steps
+    @override
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def regularizer(self) -> torch.Tensor:
+        """γ-weighted orthogonality term (Eq. 4); a zero tensor when γ = 0."""
+        if self.controller is not None:
+            return self.controller.regularizer()
+        return orthogonality_penalty(adapter_layers(self.model).values(), self.hparams.orth_reg)
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        out = run_task(self.task, self.model, batch)
+        reg = self.regularizer().to(out.loss.device)
+        bs = _batch_size(batch)
+        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=bs)
+        self.log("train/orth_reg", reg.detach().float(), batch_size=bs)
+        return out.loss + reg
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        out = run_task(self.task, self.model, batch)
+        _update_metrics(self.task, self.val_metrics, out)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        metrics = compute_metrics(self.task, self.val_metrics, prefix="val")
+        self.log_dict(metrics, prog_bar=True)
+
+    # ------------------------------------------------------------------ optimizer / controller
+    def _total_steps(self) -> int:
+        if self.hparams.total_steps is not None:
+            return int(self.hparams.total_steps)
+        est = self.trainer.estimated_stepping_batches
+        if not math.isfinite(est) or est < 1:
+            raise ValueError(
+                f"cannot infer the schedule length (trainer.estimated_stepping_batches={est}); "
+                "set max_steps/max_epochs on the Trainer or pass total_steps"
+            )
+        return int(est)
+
+    def _build_schedule(self, total: int) -> BudgetSchedule:
+        hp = self.hparams
+        warm = hp.warmup_steps if hp.warmup_steps is not None else round(hp.warmup_frac * total)
+        final = hp.final_steps if hp.final_steps is not None else round(hp.final_frac * total)
+        return BudgetSchedule(
+            final_budget=self.param_budget,
+            total_steps=total,
+            init_budget=max(self.param_budget, round(hp.init_budget_ratio * self.param_budget)),
+            warmup_steps=int(warm),
+            final_steps=int(final),
+            decay=hp.decay,
+            interval=int(hp.interval),
+        )
+
+    @override
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        optimizer = build_optimizer(
+            self.model, hp.optimizer, lr=hp.lr, head_lr=hp.head_lr, weight_decay=hp.weight_decay
+        )
+        total = self._total_steps()
+        lr_lambda = functools.partial(
+            linear_warmup_decay, total_steps=total, warmup_ratio=hp.warmup_ratio
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        self.controller = None
+        if self.param_budget is not None:
+            from adarank.allocation import RankController
+
+            self.schedule = self._build_schedule(total)
+            self.controller = RankController(
+                adapter_layers(self.model),
+                self.schedule,
+                scorer=hp.scorer,
+                min_rank=hp.min_rank,
+                max_rank=hp.max_rank,
+                grow=hp.grow,
+                orth_reg=hp.orth_reg,
+            )
+            self.controller.attach_optimizer(optimizer)
+            if self._pending_controller_state is not None:
+                self.controller.load_state_dict(self._pending_controller_state)
+                self._pending_controller_state = None
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    @override
+    def setup(self, stage: str) -> None:
+        checkpointing.check_strategy(self.trainer, allocation=self.param_budget is not None)
+        if self.trainer.world_size > 1:
+            distributed.ignore_empty_parameters(self)
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.controller is None:
+            return
+        self.controller.observe()  # all-reduces its statistics itself under torch.distributed
+
+    @override
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        optimizer.step(closure=optimizer_closure)
+        self.after_optimizer_step()
+
+    def after_optimizer_step(self) -> Any:
+        """Run the allocation for the optimizer step just taken; returns the event or None."""
+        if self.controller is None:
+            return None
+        # Lightning counts the step as completed only after this hook returns: +1 so that the
+        # controller gets the number of optimizer steps taken including this one
+        step = int(self.trainer.global_step) + 1
+        before = [id(p) for p in self.model.parameters()]
+        event = self.controller.step(step)
+        if event is not None:
+            distributed.check_same_decision(self, step, self.controller.ranks())
+        if [id(p) for p in self.model.parameters()] != before:
+            distributed.rewrap_ddp(self.trainer, self)
+        self.log("live_params", float(self.controller.live_params()), prog_bar=True, logger=False)
+        self.log("budget", float(self.schedule.budget(step)), prog_bar=True, logger=False)
+        return event
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[checkpointing.KEY] = checkpointing.adarank_state(self)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_controller_state = checkpointing.restore_layers(self, checkpoint)

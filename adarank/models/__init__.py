@@ -1,0 +1,39 @@
+"""Model builders: Hugging Face models (incl. offline built-ins) and the planted-rank task.
+
+Builders are plain functions with flat, typed arguments so configs can name them with
+``_component_`` (see :mod:`adarank.config`).
+"""
+
+from adarank.models.hf import (
+    BUILTIN_MODELS,
+    TASKS,
+    TINY_MODELS,
+    build_hf_model,
+    build_tokenizer,
+    resolve_name_or_path,
+)
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "TASKS",
+    "TINY_MODELS",
+    "build_hf_model",
+    "build_planted_model",
+    "build_tokenizer",
+    "resolve_name_or_path",
+]
+
+
+def build_planted_model(data):
+    """The frozen parallel-linear model of a planted task (``data`` is injected by the wiring).
+
+    Args:
+        data: a :class:`adarank.data.planted.PlantedDataModule`; its planted task owns the model.
+    """
+    task = getattr(data, "planted", None)
+    if task is None:
+        raise TypeError(
+            f"build_planted_model needs the planted data module (data._component_="
+            f"adarank.data.build_planted_data), got {type(data).__name__}"
+        )
+    return task.model

@@ -1,0 +1,125 @@
+"""The validator: every shipped recipe passes; each bad input is named with key, value, expectation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from adarank.config import ConfigError, list_recipes, load_config, validate_config
+from adarank.config.instantiate import check_type
+
+
+@pytest.mark.parametrize("recipe", [name for name, _, _ in list_recipes()])
+def test_every_shipped_recipe_validates(recipe: str) -> None:
+    validate_config(load_config(recipe))
+
+
+@pytest.fixture
+def csv_file(tmp_path: Path) -> Path:
+    path = tmp_path / "d.csv"
+    path.write_text("sentence,y\nfine film,pos\nbad film,neg\n")
+    return path
+
+
+def _problems(overrides: list[str], recipe: str = "quickstart") -> str:
+    with pytest.raises(ConfigError) as info:
+        validate_config(load_config(recipe, overrides))
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("foo.bar=1", r"foo=.*unknown top-level section"),
+        ("adapter.bugdet=5", r"adapter.bugdet=5: unknown key; expected one of \[.*'budget'"),
+        ("adapter.budget=abc", r"adapter.budget='abc': expected a parameter count"),
+        ("adapter.budget=150%", r"adapter.budget='150%'.*percentage"),
+        ("adapter.budget=0", r"adapter.budget=0: the budget must be at least 1"),
+        ("adapter.init=magic", r"adapter.init='magic': unknown strategy; expected one of \['lora'"),
+        ("adapter.init_rank=-1", r"adapter.init_rank=-1: expected an integer ≥ 0"),
+        ("adapter.target_modules=[]", r"adapter.target_modules=\[\]: expected at least one"),
+        ("seed=abc", r"seed='abc': wrong type str; expected int"),
+        ("trainer.max_stepz=3", r"trainer.max_stepz=3: unknown lightning.Trainer argument"),
+        ("trainer.max_steps=ten", r"trainer.max_steps='ten': wrong type str; expected int"),
+        (
+            "trainer.logger=false",
+            r"trainer.logger=False: not settable here; use the logger section",
+        ),
+        ("model.widht=3", r"model.widht=3: unknown argument of adarank.models.build_hf_model"),
+        ("model._component_=no.such.fn", r"model._component_='no.such.fn': cannot import module"),
+        (
+            "model.name_or_path=./missing_dir",
+            r"model.name_or_path='./missing_dir': directory not found",
+        ),
+        ("data.batch_size=big", r"data.batch_size='big': wrong type str; expected int"),
+        ("data.train_file=/no/such.csv", r"data.train_file='/no/such.csv': file not found"),
+        ("optimizer.lr=-1", r"optimizer.lr=-1: expected a positive number"),
+        ("optimizer.name=lion", r"optimizer.name='lion': expected one of \['adamw'"),
+        ("schedule.decay=3", r"schedule.decay=3: wrong type int; expected str"),
+        ("schedule.interval=x", r"schedule.interval='x': wrong type str"),
+        ("allocation.grow=maybe", r"allocation.grow='maybe': wrong type str; expected bool"),
+        ("logger.wandb_mode=loud", r"logger.wandb_mode='loud': expected one of"),
+        ("callbacks.snapshot_every=3", r"callbacks.snapshot_every=3: unknown key"),
+    ],
+)
+def test_bad_values_are_named(override: str, pattern: str) -> None:
+    assert pytest.importorskip("re").search(pattern, _problems([override])), _problems([override])
+
+
+def test_impossible_schedule() -> None:
+    msg = _problems(["trainer.max_steps=10", "schedule.warmup_steps=6", "schedule.final_steps=5"])
+    assert "warmup_steps (6) + final_steps (5) must be smaller than total_steps (10)" in msg
+
+
+def test_budget_needed_when_allocation_on() -> None:
+    msg = _problems(["adapter.budget=null"])
+    assert "adapter.budget=None" in msg and "allocation.enabled=false" in msg
+    validate_config(load_config("quickstart", ["adapter.budget=null", "allocation.enabled=false"]))
+
+
+def test_missing_column_and_unknown_format(csv_file: Path, tmp_path: Path) -> None:
+    msg = _problems([f"data.train_file={csv_file}"])
+    assert f"data.train_file='{csv_file}'" in msg and "has no column 'text'" in msg
+    validate_config(
+        load_config(
+            "quickstart",
+            [f"data.train_file={csv_file}", "data.text_column=sentence", "data.label_column=y"],
+        )
+    )
+    odd = tmp_path / "d.parquet"
+    odd.write_text("x")
+    assert "unsupported format" in _problems([f"data.train_file={odd}"])
+
+
+def test_all_problems_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_config(
+            load_config("quickstart", ["foo=1", "adapter.init=x", "trainer.max_stepz=1"])
+        )
+    assert len(info.value.problems) == 3
+    assert str(info.value).startswith("3 problems in the config")
+
+
+def test_budget_forms_accepted() -> None:
+    for budget in ("150000", "150k", "1.2M", "0.5%"):
+        validate_config(load_config("quickstart", [f"adapter.budget={budget}"]))
+
+
+@pytest.mark.parametrize(
+    ("value", "annotation", "ok"),
+    [
+        (3, int, True),
+        (True, int, False),
+        (3, float, True),
+        ("3", float, False),
+        (None, int | None, True),
+        (["a", "b"], list[str], True),
+        (["a", 1], list[str], False),
+        ("a", str | list[str], True),
+        ({"a": 1}, dict, True),
+        ([1], dict, False),
+    ],
+)
+def test_check_type(value, annotation, ok: bool) -> None:
+    assert check_type(value, annotation) is ok
