@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--scorer", default="energy", choices=["energy", "sensitivity", "magnitude"])
     ap.add_argument("--no-grow", action="store_true", help="prune-only ablation")
+    ap.add_argument("--orth-reg", type=float, default=0.1, help="orthogonality regulariser gamma")
     ap.add_argument("--json", default=None, help="write the runs as JSON here")
     ap.add_argument("--smoke", action="store_true", help="tiny, fast configuration (CI)")
     args = ap.parse_args(argv)
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 lr=args.lr,
                 scorer=args.scorer,
                 grow=not args.no_grow,
+                orth_reg=args.orth_reg,
                 seed=seed,
             )
             row = {k: res[k] for k in KEYS}

@@ -71,7 +71,11 @@ class Scorer:
         st[key] = torch.where(fresh, value, beta * st[key] + (1 - beta) * value)
 
     def remap(
-        self, name: str, keep: torch.Tensor, n_new: int, new_state: dict[str, torch.Tensor] | None = None
+        self,
+        name: str,
+        keep: torch.Tensor,
+        n_new: int,
+        new_state: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Re-index after prune (``keep``) then grow (``n_new`` appended slots).
 

@@ -38,7 +38,7 @@ def fit_planted(
     final_frac: float = 0.25,
     scorer: str = "energy",
     grow: bool = True,
-    orth_reg: float = 0.0,
+    orth_reg: float = 0.1,
     seed: int = 0,
 ) -> dict:
     """Train on ``task`` and report held-out error, ranks and parameter counts.
