@@ -185,8 +185,8 @@ class SVDLoRALinear(nn.Module):
                     self.z_sq_sum = self.z_sq_sum.to(z.device)
                 self.z_sq_sum += z.detach().float().pow(2).reshape(-1, self.rank).sum(0)
                 self.z_count += z.numel() // self.rank
-        delta = (z * self.lora_lambda) @ self.lora_P.T  # (..., d_out)
-        return out + (self.scaling * delta).to(out.dtype)
+        delta = (z * (self.scaling * self.lora_lambda)) @ self.lora_P.T  # (..., d_out)
+        return out + delta.to(out.dtype)
 
     # ------------------------------------------------------------------ merge
     def merge(self) -> None:
