@@ -24,10 +24,20 @@ _LAZY = {
     "AdaRankModule": "adarank.lightning",
     "RankTrajectoryLogger": "adarank.lightning",
     "AdapterSnapshot": "adarank.lightning",
+    "initialize_adapters": "adarank.init",
+    "MultiAdapterModel": "adarank.export",
+    "export_merged": "adarank.export",
+    "export_peft": "adarank.export",
+    "import_peft_adapter": "adarank.export",
 }
 
 __all__ = [
     "AdaRankModule",
+    "MultiAdapterModel",
+    "export_merged",
+    "export_peft",
+    "import_peft_adapter",
+    "initialize_adapters",
     "AdapterSnapshot",
     "BudgetSchedule",
     "RankController",
