@@ -4,7 +4,7 @@ growth and the :class:`RankController` that a training loop drives."""
 from adarank.allocation.allocator import AllocationPlan, allocate
 from adarank.allocation.budget import DECAYS, BudgetSchedule, resolve_budget
 from adarank.allocation.controller import AllocationEvent, RankController
-from adarank.allocation.growth import Candidates, growth_candidates, randomized_svd
+from adarank.allocation.growth import Candidates, growth_candidates, input_energy, randomized_svd
 from adarank.allocation.importance import (
     SCORERS,
     EnergyScorer,
@@ -30,6 +30,7 @@ __all__ = [
     "SensitivityScorer",
     "allocate",
     "growth_candidates",
+    "input_energy",
     "make_scorer",
     "orthogonality_penalty",
     "randomized_svd",

@@ -240,20 +240,14 @@ class RankController:
                 continue
             self.scorer.update(name, layer, z_mean)
             if layer.captured_grad is not None and layer.captured_tokens:
-                grad, xx = layer.captured_grad, layer.captured_xx
-                tokens = float(layer.captured_tokens)
+                grad = layer.captured_grad
                 if dist is not None:
-                    world = dist.get_world_size()
                     grad = grad.clone()
                     dist.all_reduce(grad)
-                    grad /= world  # DDP averages gradients across processes
-                    xx = xx.clone()
-                    dist.all_reduce(xx)
-                    t = torch.tensor([tokens], dtype=torch.float64, device=xx.device)
-                    dist.all_reduce(t)
-                    tokens = float(t.item())
-                if torch.isfinite(grad).all() and torch.isfinite(xx).all():
-                    self._captured[name] = (grad.detach().cpu(), (xx / tokens).detach().cpu())
+                    grad /= dist.get_world_size()  # DDP averages gradients across processes
+                if torch.isfinite(grad).all():
+                    samples = layer.captured_inputs().detach().cpu()
+                    self._captured[name] = (grad.detach().cpu(), samples)
                 else:
                     self._warn_once(
                         f"nonfinite-g:{name}", f"non-finite gradient capture in {name!r}"
@@ -300,16 +294,11 @@ class RankController:
             cand = None
             room = self.max_rank[name] - layer.rank
             if name in self._captured and room > 0 and sched.allows_growth(step):
-                grad, moment = self._captured[name]
+                grad, samples = self._captured[name]
                 k = min(self.candidates_per_layer, room)
-                cand = growth_candidates(
-                    grad,
-                    moment,
-                    layer.lora_P,
-                    layer.lora_Q,
-                    k,
-                    seed=self.seed * 1_000_003 + step * 1009 + i,
-                )
+                seed = self.seed * 1_000_003 + step * 1009 + i
+                cand = growth_candidates(grad, layer.lora_P, layer.lora_Q, k, seed=seed)
+                cand.energy_in = self._mean_input_energy(samples, cand.q_rows)
                 cands[name] = cand
                 cs = self.scorer.candidate_scores(cand.sigma, cand.energy_in).cpu()
                 live = torch.cat([live, cs])
@@ -353,6 +342,25 @@ class RankController:
         )
         self.history.append(event)
         return event
+
+    @staticmethod
+    def _mean_input_energy(samples: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
+        """E[(vᵀx)²] per candidate from the sampled inputs of every process."""
+        sq = ((samples.double() @ q_rows.double().T) ** 2).sum(0) if samples.shape[0] else None
+        count = float(samples.shape[0])
+        dist = _dist()
+        if dist is not None:
+            buf = torch.zeros(q_rows.shape[0] + 1, dtype=torch.float64)
+            if sq is not None:
+                buf[:-1] = sq
+            buf[-1] = count
+            if dist.get_backend() == "nccl":
+                buf = buf.cuda()
+            dist.all_reduce(buf)
+            sq, count = buf[:-1].cpu(), float(buf[-1].item())
+        if sq is None or count == 0:
+            return torch.ones(q_rows.shape[0], dtype=torch.float64)
+        return sq / count
 
     def _resize(self, name, layer, keep, cand, new_idx, step) -> None:
         old = (layer.lora_P, layer.lora_lambda, layer.lora_Q)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Candidates", "growth_candidates", "randomized_svd"]
+__all__ = ["Candidates", "growth_candidates", "input_energy", "randomized_svd"]
 
 
 @dataclass
@@ -62,22 +62,44 @@ def randomized_svd(
     return (qy @ u_small)[:, :k], s[:k], vh[:k].T
 
 
+def input_energy(
+    q_rows: torch.Tensor,
+    *,
+    input_samples: torch.Tensor | None = None,
+    input_moment: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean input energy ``c = E[(vᵀx)²]`` along each row v of ``q_rows`` (k, d_in).
+
+    From sampled input rows (n, d_in), from a second-moment matrix C (d_in, d_in) or its
+    diagonal (d_in,); ones if neither is given.
+    """
+    v = q_rows.double().T  # (d_in, k)
+    if input_samples is not None and input_samples.shape[0]:
+        return ((input_samples.double().to(v.device) @ v) ** 2).mean(0)
+    if input_moment is not None:
+        c = input_moment.double().to(v.device)
+        return (v * (c @ v)).sum(0) if c.dim() == 2 else (v**2 * c.unsqueeze(1)).sum(0)
+    return torch.ones(v.shape[1], dtype=torch.float64, device=v.device)
+
+
 def growth_candidates(
     grad: torch.Tensor,
-    input_moment: torch.Tensor,
     P: torch.Tensor,
     Q: torch.Tensor,
     k: int,
     *,
+    input_samples: torch.Tensor | None = None,
+    input_moment: torch.Tensor | None = None,
     seed: int = 0,
 ) -> Candidates:
     """Top-k directions of the projected gradient of one layer.
 
     Args:
         grad: G = ∂L/∂W, (d_out, d_in), in (out, in) layout.
-        input_moment: mean input second moment C, (d_in, d_in), or its diagonal (d_in,).
         P: live left factors (d_out, r); Q: live right factors (r, d_in).
         k: number of candidates wanted.
+        input_samples: sampled layer inputs (n, d_in) for the candidates' input energy ``vᵀCv``;
+            or ``input_moment``: C (d_in, d_in) or its diagonal (see :func:`input_energy`).
         seed: seed of the randomized SVD.
     """
     g = grad.double()
@@ -100,7 +122,6 @@ def growth_candidates(
         v = v - vq @ (vq.T @ v)
     u = u / u.norm(dim=0).clamp_min(1e-30)
     v = v / v.norm(dim=0).clamp_min(1e-30)
-    c = input_moment.double().to(g.device)
-    energy = (v * (c @ v)).sum(0) if c.dim() == 2 else (v**2 * c.unsqueeze(1)).sum(0)
+    energy = input_energy(v.T, input_samples=input_samples, input_moment=input_moment)
     keep = s > 1e-12 * max(1.0, float(s.max()) if s.numel() else 1.0)
     return Candidates(u[:, keep], v[:, keep].T, s[keep], energy[keep])

@@ -216,6 +216,7 @@ def calibrate(
             layer.track_stats = False
             if gradient:
                 layer.train()
+                layer.capture_max_tokens = None  # the init wants the exact accumulated gradient
                 layer.capture_gradient(True)
         for batch in itertools.islice(batches, int(num_batches)):
             mask = batch.get(mask_key) if mask_key and isinstance(batch, Mapping) else None
@@ -240,6 +241,7 @@ def calibrate(
             h.remove()
         for name, layer in layers.items():
             layer.__dict__.pop("track_stats", None)
+            layer.__dict__.pop("capture_max_tokens", None)
             if own_flags[name] is not None:
                 layer.track_stats = own_flags[name]
             if gradient:

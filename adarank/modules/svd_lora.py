@@ -25,8 +25,11 @@ Statistics for the allocator (kept here because only the forward sees the inputs
     * ``z_sq_sum`` — Σ over tokens of ``(Q x)²`` per live slot, i.e. the input energy along
       each triplet's right direction, used by the energy importance score;
     * gradient capture (``capture_gradient(True)``) — accumulates ``G = Σ δ xᵀ`` (the gradient
-      of the loss w.r.t. the full weight, d_out × d_in) and the input second moment
-      ``Σ x xᵀ`` (or its diagonal for very wide inputs) for growth and gradient-based init.
+      of the loss w.r.t. the full weight, d_out × d_in) and keeps a few input rows, for growth
+      and gradient-based init. At most ``capture_max_tokens`` evenly strided tokens of each
+      forward enter G (rescaled, so G stays an unbiased estimate of the full-batch gradient):
+      the capture costs at most one weight-gradient product of that many tokens, not of the
+      whole batch.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ from torch import nn
 
 __all__ = ["SVDLoRALinear", "is_conv1d", "linear_shape"]
 
-#: inputs wider than this keep only the diagonal of the input second moment during capture
-FULL_COVARIANCE_MAX_DIM = 4096
+#: default cap on the tokens of one forward that enter the captured gradient (None: all)
+CAPTURE_MAX_TOKENS = 1024
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -337,22 +340,41 @@ class SVDLoRALinear(nn.Module):
         if not enabled:
             self._reset_capture()
 
+    capture_max_tokens: int | None = CAPTURE_MAX_TOKENS
+
     def _reset_capture(self) -> None:
-        self.captured_grad: torch.Tensor | None = None  # (d_out, d_in) Σ δ xᵀ
-        self.captured_xx: torch.Tensor | None = None  # (d_in, d_in) or (d_in,) Σ x xᵀ
-        self.captured_tokens = 0
+        self.captured_grad: torch.Tensor | None = None  # (d_out, d_in) ≈ Σ δ xᵀ over all tokens
+        self.captured_x: list[torch.Tensor] = []  # sampled input rows, each (n_i, d_in)
+        self.captured_tokens = 0  # tokens seen (before subsampling)
+
+    def captured_inputs(self) -> torch.Tensor:
+        """The sampled input rows of the capture, (n, d_in) float32."""
+        if not self.captured_x:
+            return torch.zeros(0, self.d_in)
+        return torch.cat(self.captured_x)
 
     def _attach_capture(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         xs = x.detach().reshape(-1, self.d_in).float()
+        n = xs.shape[0]
+        cap = self.capture_max_tokens
+        idx = None
+        if cap is not None and n > cap:
+            idx = torch.arange(0, n, -(-n // cap), device=xs.device)  # evenly strided tokens
+            xs = xs[idx]
+        scale = n / xs.shape[0]
         with torch.no_grad():
-            xx = xs.T @ xs if self.d_in <= FULL_COVARIANCE_MAX_DIM else xs.pow(2).sum(0)
-            self.captured_xx = xx if self.captured_xx is None else self.captured_xx + xx
-            self.captured_tokens += xs.shape[0]
+            self.captured_x.append(xs)
+            self.captured_tokens += n
         if not out.requires_grad:  # e.g. first layer of a frozen model with rank 0
             out = out.detach().requires_grad_(True)
 
         def hook(grad: torch.Tensor) -> None:
-            g = grad.detach().reshape(-1, self.d_out).float().T @ xs  # (d_out, d_in)
+            g2 = grad.detach().reshape(-1, self.d_out)
+            if idx is not None:
+                g2 = g2[idx]
+            g = g2.float().T @ xs  # (d_out, d_in)
+            if scale != 1.0:
+                g = g * scale
             self.captured_grad = g if self.captured_grad is None else self.captured_grad + g
 
         out.register_hook(hook)

@@ -33,7 +33,7 @@ def test_candidates_orthogonal_to_live_and_top_of_projected_gradient():
     Q = torch.randn(r, d_in)
     G = torch.randn(d_out, d_in, dtype=torch.float64)
     C = torch.eye(d_in, dtype=torch.float64) * 2.0
-    cand = growth_candidates(G, C, P, Q, k)
+    cand = growth_candidates(G, P, Q, k, input_moment=C)
     assert cand.k == k
     assert (P.double().T @ cand.p_cols).abs().max() < 1e-8
     assert (Q.double() @ cand.q_rows.T).abs().max() < 1e-8
@@ -51,7 +51,7 @@ def test_candidates_orthogonal_to_live_and_top_of_projected_gradient():
     direct = torch.einsum("ik,ij,kj->k", cand.p_cols, G, cand.q_rows)
     assert torch.allclose(direct.abs(), cand.sigma, rtol=1e-6)
     assert torch.allclose(cand.energy_in, torch.full((k,), 2.0, dtype=torch.float64))
-    diag = growth_candidates(G, torch.full((d_in,), 2.0, dtype=torch.float64), P, Q, k)
+    diag = growth_candidates(G, P, Q, k, input_moment=torch.full((d_in,), 2.0, dtype=torch.float64))
     assert torch.allclose(diag.energy_in, cand.energy_in)
 
 
@@ -62,7 +62,19 @@ def test_growth_leaves_output_unchanged_and_can_exceed_initial_rank():
         layer.lora_lambda.copy_(torch.tensor([0.5, -1.0]))
     x = torch.randn(8, 24)
     y0 = layer(x)
-    cand = growth_candidates(torch.randn(16, 24), torch.eye(24), layer.lora_P, layer.lora_Q, 6)
+    cand = growth_candidates(torch.randn(16, 24), layer.lora_P, layer.lora_Q, 6)
     layer.grow(cand.p_cols.float(), cand.q_rows.float())
     assert layer.rank == 8
     assert torch.allclose(layer(x), y0, atol=1e-6, rtol=0)  # λ = 0: only round-off differs
+
+
+def test_input_energy_from_samples_matches_moment():
+    torch.manual_seed(0)
+    x = torch.randn(500, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
+    v = torch.linalg.qr(torch.randn(6, 3, dtype=torch.float64)).Q.T
+    from adarank.allocation import input_energy
+
+    by_samples = input_energy(v, input_samples=x)
+    by_moment = input_energy(v, input_moment=x.T @ x / len(x))
+    assert torch.allclose(by_samples, by_moment)
+    assert torch.allclose(by_samples, ((x @ v.T) ** 2).mean(0))

@@ -304,14 +304,34 @@ def test_capture_gradient_equals_full_weight_gradient(kind, rank, seed):
     assert layer.captured_grad.shape == (D_OUT, D_IN)
     torch.testing.assert_close(layer.captured_grad, ref.weight.grad, atol=1e-4, rtol=1e-5)
     tokens = torch.cat([x.reshape(-1, D_IN) for x in xs]).double()
-    torch.testing.assert_close(layer.captured_xx.double(), tokens.T @ tokens, atol=1e-4, rtol=0)
+    torch.testing.assert_close(layer.captured_inputs().double(), tokens, atol=1e-6, rtol=0)
     assert layer.captured_tokens == 17
     with torch.no_grad():
         layer(xs[0])  # no capture without autograd
     assert layer.captured_tokens == 17
     layer.capture_gradient(False)
-    assert layer.captured_grad is None and layer.captured_xx is None
+    assert layer.captured_grad is None and layer.captured_inputs().shape == (0, D_IN)
     assert layer.captured_tokens == 0
+
+
+def test_capture_subsamples_tokens_without_bias(kind, seed):
+    """Above ``capture_max_tokens`` an evenly strided token subset enters G, rescaled."""
+    base = make_base(kind)
+    w, b = weight_bias64(base)
+    layer = SVDLoRALinear(base, 2)
+    layer.capture_max_tokens = 10
+    layer.train().capture_gradient(True)
+    x = torch.randn(40, D_IN)
+    t = torch.randn(40, D_OUT)
+    ((layer(x) - t) ** 2).sum().backward()
+    idx = torch.arange(0, 40, 4)
+    ref = nn.Linear(D_IN, D_OUT)
+    with torch.no_grad():
+        ref.weight.copy_((w + delta64(layer)).float())
+        ref.bias.copy_(b.float())
+    ((ref(x[idx]) - t[idx]) ** 2).sum().backward()
+    torch.testing.assert_close(layer.captured_grad, 4.0 * ref.weight.grad, atol=1e-4, rtol=1e-5)
+    assert layer.captured_inputs().shape == (10, D_IN) and layer.captured_tokens == 40
 
 
 def test_shift_base_moves_low_rank_part_out_of_w0(kind, seed):
