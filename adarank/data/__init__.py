@@ -4,11 +4,13 @@ from adarank.data.causal_lm import CausalLMDataModule
 from adarank.data.classification import TextClassificationDataModule
 from adarank.data.files import check_table, read_columns, read_header, table_format
 from adarank.data.planted import PlantedDataModule
+from adarank.data.resumable import ResumableDataLoader
 from adarank.data.rotten_tomatoes import corpus_path, load_rotten_tomatoes
 
 __all__ = [
     "CausalLMDataModule",
     "PlantedDataModule",
+    "ResumableDataLoader",
     "TextClassificationDataModule",
     "check_table",
     "corpus_path",

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from adarank.data.resumable import ResumableDataLoader
 from adarank.data.rotten_tomatoes import load_rotten_tomatoes
 from adarank.data.tokenized import tokenize_texts
 
@@ -141,13 +142,13 @@ class CausalLMDataModule(L.LightningDataModule):
             train = train[sorted(keep[: self.max_train_blocks])]
         self.train_set, self.val_set = _Blocks(train), _Blocks(val)
 
-    def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Seeded per-epoch shuffle (``seed + epoch``), resumable mid-epoch from a checkpoint."""
+        return ResumableDataLoader(
             self.train_set,
             batch_size=self.batch_size,
             shuffle=True,
-            generator=g,
+            seed=self.seed,
             num_workers=self.num_workers,
         )
 

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from adarank.data.files import read_columns
+from adarank.data.resumable import ResumableDataLoader
 from adarank.data.rotten_tomatoes import LABELS as RT_LABELS
 from adarank.data.rotten_tomatoes import load_rotten_tomatoes
 from adarank.data.tokenized import tokenize_texts
@@ -222,13 +223,13 @@ class TextClassificationDataModule(L.LightningDataModule):
             torch.tensor([ids[y] for y in vl], dtype=torch.long),
         )
 
-    def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Seeded per-epoch shuffle (``seed + epoch``), resumable mid-epoch from a checkpoint."""
+        return ResumableDataLoader(
             self.train_set,
             batch_size=self.batch_size,
             shuffle=True,
-            generator=g,
+            seed=self.seed,
             collate_fn=collate_trim,
             num_workers=self.num_workers,
         )

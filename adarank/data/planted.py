@@ -9,8 +9,9 @@ model and data always come from one task object.
 from __future__ import annotations
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
+
+from adarank.data.resumable import ResumableDataLoader
 
 __all__ = ["PlantedDataModule"]
 
@@ -66,10 +67,10 @@ class PlantedDataModule(L.LightningDataModule):
 
             self.planted = build_planted_task(**self.kwargs)
 
-    def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.planted.train_dataset(), batch_size=self.batch_size, shuffle=True, generator=g
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Seeded per-epoch shuffle (``seed + epoch``), resumable mid-epoch from a checkpoint."""
+        return ResumableDataLoader(
+            self.planted.train_dataset(), batch_size=self.batch_size, shuffle=True, seed=self.seed
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -13,6 +13,10 @@ Checkpoint entry ``checkpoint["adarank"]``::
     param_budget   resolved final budget (None: allocation off)
     base_params    frozen base-model parameters
     controller     RankController.state_dict() (None before configure_optimizers / allocation off)
+
+Checkpoint entry ``checkpoint["adarank_rng"]`` (:func:`rng_state`): the global RNG states at
+the save, restored by the module in ``on_train_start`` (after sanity checking and data setup,
+before the first resumed batch), so dropout continues as in an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -24,9 +28,18 @@ import torch
 
 from adarank.modules import adapter_layers
 
-__all__ = ["KEY", "adarank_state", "check_strategy", "restore_layers"]
+__all__ = [
+    "KEY",
+    "RNG_KEY",
+    "adarank_state",
+    "check_strategy",
+    "restore_layers",
+    "rng_state",
+    "set_rng_state",
+]
 
 KEY = "adarank"
+RNG_KEY = "adarank_rng"
 VERSION = 1
 
 
@@ -136,3 +149,40 @@ def check_strategy(trainer: pl.Trainer, allocation: bool) -> None:
         "DeepSpeed) cannot follow. Use strategy='ddp' (adapters are small, so replicating them "
         "costs little), or train at fixed ranks with budget=None."
     )
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states (torch CPU/CUDA, ``random``, numpy) as ``weights_only``-safe values.
+
+    Stored as ``checkpoint["adarank_rng"]`` so that a resumed run draws the same dropout masks
+    as an uninterrupted one (Lightning does not checkpoint the global RNGs).
+    """
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    version, internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(internal), py_gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the global RNGs from :func:`rng_state`'s output (CUDA only when saved and present)."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    version, internal, py_gauss = state["python"]
+    random.setstate((version, tuple(internal), py_gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

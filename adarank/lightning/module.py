@@ -147,6 +147,7 @@ class AdaRankModule(pl.LightningModule):
         self.controller = None
         self.schedule: BudgetSchedule | None = None
         self._pending_controller_state: dict | None = None
+        self._pending_rng_state: dict | None = None
 
     # ------------------------------------------------------------------ forward / steps
     @override
@@ -278,7 +279,16 @@ class AdaRankModule(pl.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[checkpointing.KEY] = checkpointing.adarank_state(self)
+        checkpoint[checkpointing.RNG_KEY] = checkpointing.rng_state()
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_controller_state = checkpointing.restore_layers(self, checkpoint)
+        self._pending_rng_state = checkpoint.get(checkpointing.RNG_KEY)
+
+    @override
+    def on_train_start(self) -> None:
+        # global RNGs as at the save: the resumed run draws the same dropout masks
+        if self._pending_rng_state is not None:
+            checkpointing.set_rng_state(self._pending_rng_state)
+            self._pending_rng_state = None
