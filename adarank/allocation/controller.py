@@ -28,7 +28,7 @@ import torch
 
 from adarank.allocation.allocator import allocate
 from adarank.allocation.budget import BudgetSchedule
-from adarank.allocation.growth import growth_candidates
+from adarank.allocation.growth import candidates_from_sketch, sketch_test_matrices
 from adarank.allocation.importance import Scorer, make_scorer
 from adarank.allocation.optim_sync import replace_parameter
 from adarank.allocation.regularizer import orthogonality_penalty
@@ -195,7 +195,11 @@ class RankController:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
+    def _sketch_seed(self, step: int, index: int) -> int:
+        return self.seed * 1_000_003 + step * 1009 + index
+
     def _set_capture(self, next_step: int) -> None:
+        """Arm the gradient sketches for ``next_step`` if it is a growth allocation step."""
         s = self.schedule
         want = (
             s is not None
@@ -204,8 +208,16 @@ class RankController:
             and s.is_allocation_step(next_step)
             and s.allows_growth(next_step)
         )
-        for layer in self.layers.values():
-            layer.capture_gradient(want)
+        for i, (name, layer) in enumerate(self.layers.items()):
+            room = self.max_rank[name] - layer.rank
+            if not want or room <= 0:
+                layer.capture_gradient(False)
+                continue
+            k = min(self.candidates_per_layer, room)
+            sketch = sketch_test_matrices(
+                layer.lora_P, layer.lora_Q, k, seed=self._sketch_seed(next_step, i)
+            )
+            layer.capture_gradient(True, sketch=sketch)
 
     # ------------------------------------------------------------------ observe
     def observe(self) -> None:
@@ -239,19 +251,16 @@ class RankController:
                 )
                 continue
             self.scorer.update(name, layer, z_mean)
-            if layer.captured_grad is not None and layer.captured_tokens:
-                grad = layer.captured_grad
+            if layer.captured_sketch is not None and layer.captured_tokens:
+                y, w = layer.captured_sketch
                 if dist is not None:
-                    grad = grad.clone()
-                    dist.all_reduce(grad)
-                    grad /= dist.get_world_size()  # DDP averages gradients across processes
-                if torch.isfinite(grad).all():
-                    samples = layer.captured_inputs().detach().cpu()
-                    self._captured[name] = (grad.detach().cpu(), samples)
-                else:
-                    self._warn_once(
-                        f"nonfinite-g:{name}", f"non-finite gradient capture in {name!r}"
-                    )
+                    yw = torch.cat([y.flatten(), w.flatten()])
+                    dist.all_reduce(yw)
+                    yw /= dist.get_world_size()  # DDP averages gradients across processes
+                    y, w = yw[: y.numel()].view_as(y), yw[y.numel() :].view_as(w)
+                psi = layer._sketch[1]
+                samples = layer.captured_inputs().detach().cpu()
+                self._captured[name] = (y.detach().cpu(), w.detach().cpu(), psi.cpu(), samples)
             layer.capture_gradient(False)
 
     # ------------------------------------------------------------------ step
@@ -285,7 +294,7 @@ class RankController:
         final = step == sched.final_start
         protect_window = self.protect_rounds * sched.interval
         scores, forced, costs, cands, n_live = {}, {}, {}, {}, {}
-        for i, (name, layer) in enumerate(self.layers.items()):
+        for name, layer in self.layers.items():
             live = self.scorer.scores(name, layer).double().cpu()
             n_live[name] = layer.rank
             costs[name] = layer.triplet_cost
@@ -294,10 +303,9 @@ class RankController:
             cand = None
             room = self.max_rank[name] - layer.rank
             if name in self._captured and room > 0 and sched.allows_growth(step):
-                grad, samples = self._captured[name]
+                y, w, psi, samples = self._captured[name]
                 k = min(self.candidates_per_layer, room)
-                seed = self.seed * 1_000_003 + step * 1009 + i
-                cand = growth_candidates(grad, layer.lora_P, layer.lora_Q, k, seed=seed)
+                cand = candidates_from_sketch(y, w, psi, layer.lora_P, layer.lora_Q, k)
                 cand.energy_in = self._mean_input_energy(samples, cand.q_rows)
                 cands[name] = cand
                 cs = self.scorer.candidate_scores(cand.sigma, cand.energy_in).cpu()

@@ -9,6 +9,13 @@ singular pairs of G — restricted to what the live triplets cannot already expr
 so every candidate is orthogonal to the live P columns and Q rows. The top-k singular triplets of
 G⊥ come from a seeded randomized range finder (Halko et al. 2011, Alg. 4.4 with two power
 iterations): O(d_out·d_in·k) instead of a full SVD, and bit-identical on every process.
+
+During training the controller does not form G at all: the layers accumulate the single-pass
+sketches ``Y = G Ω'`` and ``W = Ψ' G`` (Tropp, Yurtsever, Udell & Cevher 2017, "Practical
+sketching algorithms for low-rank matrix approximation", §4) with test matrices already projected
+off the live subspaces, ``Ω' = (I − Π_Q) Ω`` and ``Ψ' = Ψ (I − Π_P)``, so that ``(I − Π_P) Y`` and
+``W (I − Π_Q)`` are exact sketches of G⊥. The reconstruction ``G⊥ ≈ Q_Y (Ψ' Q_Y)⁺ W`` gives the
+candidates at O((d_in + d_out)·l) cost per token instead of O(d_in·d_out).
 """
 
 from __future__ import annotations
@@ -17,7 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Candidates", "growth_candidates", "input_energy", "randomized_svd"]
+__all__ = [
+    "Candidates",
+    "growth_candidates",
+    "input_energy",
+    "randomized_svd",
+    "sketch_test_matrices",
+    "candidates_from_sketch",
+]
 
 
 @dataclass
@@ -125,3 +139,70 @@ def growth_candidates(
     energy = input_energy(v.T, input_samples=input_samples, input_moment=input_moment)
     keep = s > 1e-12 * max(1.0, float(s.max()) if s.numel() else 1.0)
     return Candidates(u[:, keep], v[:, keep].T, s[keep], energy[keep])
+
+
+def _project_off(m: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
+    if basis.shape[1] == 0:
+        return m
+    if side == "left":  # (I − B Bᵀ) m
+        return m - basis @ (basis.T @ m)
+    return m - (m @ basis) @ basis.T  # m (I − B Bᵀ)
+
+
+def sketch_test_matrices(
+    P: torch.Tensor, Q: torch.Tensor, k: int, *, oversample: int = 8, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded test matrices ``(Ω' (d_in, k+p), Ψ' (2(k+p)+1, d_out))`` projected off span(Qᵀ), span(P)."""
+    d_out, d_in = P.shape[0], Q.shape[1]
+    r1 = min(k + oversample, d_in, d_out)
+    r2 = min(2 * r1 + 1, d_out)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(d_in, r1, generator=g, dtype=torch.float64)
+    psi = torch.randn(r2, d_out, generator=g, dtype=torch.float64)
+    up = _orth_basis(P.detach().double().cpu())
+    vq = _orth_basis(Q.detach().double().cpu().T)
+    return _project_off(omega, vq, "left").float(), _project_off(psi, up, "right").float()
+
+
+def candidates_from_sketch(
+    y: torch.Tensor,
+    w: torch.Tensor,
+    psi: torch.Tensor,
+    P: torch.Tensor,
+    Q: torch.Tensor,
+    k: int,
+) -> Candidates:
+    """Top-k directions of G⊥ from the sketches ``Y = G Ω'`` (d_out, l1), ``W = Ψ' G`` (l2, d_in).
+
+    Args:
+        y, w: accumulated sketches (see :func:`sketch_test_matrices`).
+        psi: the co-range test matrix Ψ' used for ``w``.
+        P, Q: the live factors now (candidates are re-projected off them and normalised).
+        k: candidates wanted.
+    """
+    y, w, psi = y.double().cpu(), w.double().cpu(), psi.double().cpu()
+    d_out, d_in = y.shape[0], w.shape[1]
+    empty = Candidates(y.new_zeros(d_out, 0), y.new_zeros(0, d_in), y.new_zeros(0), y.new_zeros(0))
+    up = _orth_basis(P.detach().double().cpu())
+    vq = _orth_basis(Q.detach().double().cpu().T)
+    y = _project_off(y, up, "left")
+    w = _project_off(w, vq, "right")
+    if k <= 0 or not bool(torch.isfinite(y).all() and torch.isfinite(w).all()):
+        return empty
+    qy = _orth_basis(y)
+    if qy.shape[1] == 0:
+        return empty
+    qa, ra = torch.linalg.qr(psi @ qy)  # least squares (Ψ' Q_Y) core = W via QR (deterministic)
+    if bool((torch.diagonal(ra).abs() < 1e-12 * ra.abs().max().clamp_min(1e-300)).any()):
+        return empty
+    core = torch.linalg.solve_triangular(ra, qa.T @ w, upper=True)  # (l1, d_in): G⊥ ≈ qy · core
+    u_s, s, vh = torch.linalg.svd(core, full_matrices=False)
+    k = min(k, int(s.numel()))
+    u = _project_off(qy @ u_s[:, :k], up, "left")
+    v = _project_off(vh[:k].T, vq, "left")
+    u = u / u.norm(dim=0).clamp_min(1e-30)
+    v = v / v.norm(dim=0).clamp_min(1e-30)
+    s = s[:k]
+    keep = s > 1e-12 * max(1.0, float(s.max()) if s.numel() else 1.0)
+    energy = torch.ones(int(keep.sum()), dtype=torch.float64)
+    return Candidates(u[:, keep], v[:, keep].T, s[keep], energy)

@@ -10,7 +10,7 @@ floats each), not per element: it is ≪ the adapter itself.
 Gauss–Newton optimum of λ::
 
     E_i(λ) = E_x ‖ΔW_i x‖² = s² λ² ‖p_i‖² m_i,        m_i = E[(q_iᵀ x)²]   (EMA, β1)
-    λ̂_i = λ_i − g_i / h_i,   g_i = ∂L/∂λ_i,   h_i = s² ‖p_i‖² m_i          (EMA of λ̂, β1)
+    λ̂_i = λ_i − g_i / h_i,   g_i = ∂L/∂λ_i,   h_i = s² ‖p_i‖² m_i          (EMA of λ̂‖p_i‖, β1)
     S_i = E_i(λ̂_i)
 
     h_i is the curvature of L in λ_i for a squared loss ½‖y − y*‖² on the layer's output (unit
@@ -126,10 +126,14 @@ def _col_norms(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 class EnergyScorer(Scorer):
-    """Output energy at the one-step Gauss–Newton optimum of λ — see module docstring."""
+    """Output energy at the one-step Gauss–Newton optimum — see module docstring.
+
+    Computed on the coefficient ``a_i = λ_i ‖p_i‖`` along the unit direction ``p_i/‖p_i‖`` so that
+    it stays well defined while ``p_i`` is still small (e.g. LoRA-style ``P = 0`` init).
+    """
 
     name = "energy"
-    state_keys = ("m", "lam_hat")
+    state_keys = ("m", "a_hat")
 
     def update(self, name, layer, z_sq_mean):
         st = self._layer_state(name, layer.rank)
@@ -137,26 +141,27 @@ class EnergyScorer(Scorer):
             return False
         lam, p, _ = _col_norms(layer)
         m_now = z_sq_mean.double().cpu()
-        lam_hat = lam
+        a_hat = lam * p
         grad = layer.lora_lambda.grad
         if grad is not None:
-            h = (layer.scaling**2 * p**2 * m_now).clamp_min(1e-12)
-            lam_hat = lam - grad.detach().double().cpu() / h
+            g_a = grad.detach().double().cpu() / p.clamp_min(1e-12)  # ∂L/∂a = (∂L/∂λ) / ‖p‖
+            h_a = (layer.scaling**2 * m_now).clamp_min(1e-12)  # ∂²L/∂a², unit output curvature
+            a_hat = a_hat - g_a / h_a
         self._ema(st, "m", m_now, self.beta1)
-        self._ema(st, "lam_hat", lam_hat, self.beta1)
+        self._ema(st, "a_hat", a_hat, self.beta1)
         st["seen"] = st["seen"] + 1
         return True
 
     def scores(self, name, layer):
         st = self._layer_state(name, layer.rank)
         lam, p, _ = _col_norms(layer)
-        lam_hat = torch.where(st["seen"] > 0, st["lam_hat"], lam)
-        return layer.scaling**2 * lam_hat**2 * p**2 * st["m"]
+        a_hat = torch.where(st["seen"] > 0, st["a_hat"], lam * p)
+        return layer.scaling**2 * a_hat**2 * st["m"]
 
     def new_slot_state(self, sigma: torch.Tensor, energy_in: torch.Tensor, scaling: float) -> dict:
-        """State of grown triplets: λ̂ = −σ / (s c) (the Gauss–Newton step from λ = 0)."""
+        """State of grown triplets (unit p): â = −σ / (s c), the Gauss–Newton step from λ = 0."""
         c = energy_in.double().clamp_min(1e-12)
-        return {"m": c, "lam_hat": -sigma.double() / (scaling * c)}
+        return {"m": c, "a_hat": -sigma.double() / (scaling * c)}
 
 
 class SensitivityScorer(Scorer):

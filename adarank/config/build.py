@@ -98,6 +98,7 @@ def add_config_adapters(cfg: DictConfig | Mapping, model: nn.Module, data=None) 
         dropout=float(ad.get("dropout", 0.0)),
         modules_to_save=ad.get("modules_to_save"),
         seed=int(plain.get("seed", 0)),
+        factor_init=ad.get("factor_init", "svd"),
     )
     strategy = ad.get("init", "lora")
     init_args = dict(ad.get("init_args") or {})

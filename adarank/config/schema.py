@@ -69,6 +69,8 @@ ADAPTER_KEYS: dict[str, Any] = {
     "max_rank": int | None,
     # constant factor on ΔW
     "scaling": float,
+    # factor init: "svd" (λ = 0, orthonormal P, Q; AdaLoRA) or "lora" (P = 0, λ = 1)
+    "factor_init": str,
     # adapter input dropout
     "dropout": float,
     # modules trained in full and saved with the adapter (e.g. the classifier head)

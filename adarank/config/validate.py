@@ -268,6 +268,12 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
             problems.append(
                 f"adapter.init={init!r}: unknown strategy; expected one of {list(init_strategies())}"
             )
+        factor_init = adapter.get("factor_init", "svd")
+        if factor_init not in ("svd", "lora"):
+            problems.append(
+                f"adapter.factor_init={factor_init!r}: expected 'svd' (λ = 0, orthonormal P, Q) "
+                "or 'lora' (P = 0, λ = 1)"
+            )
         rank = adapter.get("init_rank")
         if isinstance(rank, int) and not isinstance(rank, bool) and rank < 0:
             problems.append(f"adapter.init_rank={rank!r}: expected an integer ≥ 0")

@@ -86,6 +86,7 @@ def add_adapters(
     modules_to_save: str | Sequence[str] | None = None,
     adapter_dtype: torch.dtype = torch.float32,
     seed: int | None = None,
+    factor_init: str = "svd",
 ) -> dict[str, SVDLoRALinear]:
     """Wrap every linear module matching ``target_modules`` with an :class:`SVDLoRALinear`.
 
@@ -102,6 +103,8 @@ def add_adapters(
         modules_to_save: patterns of modules to keep trainable and save with the adapter.
         adapter_dtype: dtype of the adapter tensors.
         seed: seed for the orthonormal init (deterministic if given).
+        factor_init: ``"svd"`` (λ = 0, orthonormal P, Q) or ``"lora"`` (P = 0, λ = 1); see
+            :class:`SVDLoRALinear`.
 
     Returns:
         ``{qualified_name: layer}`` of the new adapter layers.
@@ -170,6 +173,7 @@ def add_adapters(
             dropout=dropout,
             adapter_dtype=adapter_dtype,
             generator=generator,
+            factor_init=factor_init,
         )
         _set_submodule(model, name, layer)
         layers[name] = layer

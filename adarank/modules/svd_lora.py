@@ -86,7 +86,12 @@ class SVDLoRALinear(nn.Module):
         dropout: dropout probability on the adapter's input.
         adapter_dtype: dtype of P, λ, Q (float32 by default, also for bf16/fp16 bases).
         generator: optional RNG for the orthonormal init.
+        factor_init: ``"svd"`` (default, AdaLoRA: λ = 0, orthonormal P and Q) or ``"lora"``
+            (P = 0, λ = 1, orthonormal Q: the first steps follow LoRA's B·A dynamics, where the
+            output directions P get a gradient at once). Both leave the output unchanged.
     """
+
+    FACTOR_INITS = ("svd", "lora")
 
     def __init__(
         self,
@@ -98,8 +103,11 @@ class SVDLoRALinear(nn.Module):
         dropout: float = 0.0,
         adapter_dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
+        factor_init: str = "svd",
     ) -> None:
         super().__init__()
+        if factor_init not in self.FACTOR_INITS:
+            raise ValueError(f"factor_init={factor_init!r}: expected one of {self.FACTOR_INITS}")
         self.d_out, self.d_in = linear_shape(base)
         self.transposed = is_conv1d(base)
         full = min(self.d_in, self.d_out)
@@ -122,9 +130,14 @@ class SVDLoRALinear(nn.Module):
         self.merged = False
         rank = int(rank)
         dev = self.base_weight.device
-        self.lora_P = nn.Parameter(_orthonormal(self.d_out, rank, generator).to(dev, adapter_dtype))
-        self.lora_lambda = nn.Parameter(torch.zeros(rank, device=dev, dtype=adapter_dtype))
-        self.lora_Q = nn.Parameter(_orthonormal(rank, self.d_in, generator).to(dev, adapter_dtype))
+        P = _orthonormal(self.d_out, rank, generator)
+        lam = torch.zeros(rank)
+        Q = _orthonormal(rank, self.d_in, generator)
+        if factor_init == "lora":
+            P, lam = torch.zeros_like(P), torch.ones(rank)
+        self.lora_P = nn.Parameter(P.to(dev, adapter_dtype))
+        self.lora_lambda = nn.Parameter(lam.to(dev, adapter_dtype))
+        self.lora_Q = nn.Parameter(Q.to(dev, adapter_dtype))
         # low-rank part that an init strategy moved out of W0 (W0 ← W0 − shift); kept so that
         # adapter files can be applied to the original base weights
         self.register_buffer("shift_P", torch.zeros(self.d_out, 0, device=dev), persistent=True)
@@ -334,11 +347,31 @@ class SVDLoRALinear(nn.Module):
         self._reset_stats()
         return out
 
-    def capture_gradient(self, enabled: bool) -> None:
-        """Start/stop accumulating the full-weight gradient and input second moment."""
+    def capture_gradient(
+        self,
+        enabled: bool,
+        sketch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Start/stop capturing the full-weight gradient ``G = Σ δ xᵀ`` and sampled inputs.
+
+        Args:
+            enabled: start (True) or stop and clear (False).
+            sketch: optional test matrices ``(omega (d_in, l), psi (l, d_out))``. Then only the
+                single-pass sketches ``Y = G·omega`` (d_out, l) and ``W = psi·G`` (l, d_in) are
+                accumulated (``captured_sketch``) instead of the d_out × d_in matrix: the cost
+                per token is O((d_in + d_out)·l) instead of O(d_in·d_out) (Tropp et al. 2017).
+        """
         self._capture = bool(enabled)
-        if not enabled:
-            self._reset_capture()
+        self._reset_capture()
+        if enabled and sketch is not None:
+            omega, psi = sketch
+            if omega.shape[0] != self.d_in or psi.shape[1] != self.d_out:
+                raise ValueError(
+                    f"sketch test matrices must be (d_in={self.d_in}, l) and (l, d_out="
+                    f"{self.d_out}), got {tuple(omega.shape)} and {tuple(psi.shape)}"
+                )
+            dev = self.base_weight.device
+            self._sketch = (omega.float().to(dev), psi.float().to(dev))
 
     capture_max_tokens: int | None = CAPTURE_MAX_TOKENS
 
@@ -346,6 +379,8 @@ class SVDLoRALinear(nn.Module):
         self.captured_grad: torch.Tensor | None = None  # (d_out, d_in) ≈ Σ δ xᵀ over all tokens
         self.captured_x: list[torch.Tensor] = []  # sampled input rows, each (n_i, d_in)
         self.captured_tokens = 0  # tokens seen (before subsampling)
+        self.captured_sketch: tuple[torch.Tensor, torch.Tensor] | None = None  # (Y, W)
+        self._sketch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def captured_inputs(self) -> torch.Tensor:
         """The sampled input rows of the capture, (n, d_in) float32."""
@@ -372,9 +407,16 @@ class SVDLoRALinear(nn.Module):
             g2 = grad.detach().reshape(-1, self.d_out)
             if idx is not None:
                 g2 = g2[idx]
-            g = g2.float().T @ xs  # (d_out, d_in)
-            if scale != 1.0:
-                g = g * scale
+            g2 = g2.float() * scale if scale != 1.0 else g2.float()
+            if self._sketch is not None:
+                omega, psi = self._sketch
+                y = g2.T @ (xs @ omega)  # (d_out, l) = G·omega
+                w = (g2 @ psi.T).T @ xs  # (l, d_in) = psi·G
+                if self.captured_sketch is not None:
+                    y, w = y + self.captured_sketch[0], w + self.captured_sketch[1]
+                self.captured_sketch = (y, w)
+                return
+            g = g2.T @ xs  # (d_out, d_in)
             self.captured_grad = g if self.captured_grad is None else self.captured_grad + g
 
         out.register_hook(hook)

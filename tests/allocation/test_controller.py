@@ -234,5 +234,29 @@ def test_energy_score_predicts_the_gauss_newton_optimum_of_lambda():
     (0.5 * (model(x) - target).pow(2).sum(1).mean()).backward()
     ctrl.observe()
     m = float((x @ v).pow(2).mean())
-    assert float(ctrl.scorer.state["0"]["lam_hat"][0]) == pytest.approx(a, rel=1e-4)
+    assert float(ctrl.scorer.state["0"]["a_hat"][0]) == pytest.approx(a, rel=1e-4)
     assert float(ctrl.scorer.scores("0", layer)[0]) == pytest.approx(1.5**2 * a**2 * m, rel=1e-4)
+
+
+def test_energy_score_is_defined_for_lora_style_init():
+    """P = 0, λ = 1: scores are finite (0 before P moves), and grow once P has a gradient step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10))
+    layer = add_adapters(model, ["0"], 3, factor_init="lora")["0"]
+    assert torch.equal(layer.lora_P, torch.zeros(10, 3)) and torch.equal(
+        layer.lora_lambda, torch.ones(3)
+    )
+    ctrl = RankController({"0": layer}, BudgetSchedule(final_budget=40, total_steps=100), beta1=0.0)
+    x = torch.randn(32, 12)
+    target = model[0].base_layer(x) + torch.randn(32, 10)
+    (0.5 * (model(x) - target).pow(2).sum(1).mean()).backward()
+    ctrl.observe()
+    assert torch.equal(ctrl.scorer.scores("0", layer), torch.zeros(3, dtype=torch.float64))
+    opt = torch.optim.SGD([layer.lora_P], lr=0.1)
+    opt.step()
+    layer.lora_lambda.grad = None
+    model.zero_grad()
+    (0.5 * (model(x) - target).pow(2).sum(1).mean()).backward()
+    ctrl.observe()
+    s = ctrl.scorer.scores("0", layer)
+    assert torch.isfinite(s).all() and (s > 0).all()

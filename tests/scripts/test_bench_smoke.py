@@ -1,0 +1,153 @@
+"""Smoke runs of the benchmark scripts (``--smoke``: tiny random models, seconds) so they never rot.
+
+The figures are checked against values computed independently from the model shapes: parameter
+counts of each configuration, PEFT AdaLoRA's allocator state (three buffers the size of its
+adapter), the gradient-capture transient, the rank budgets each method must land on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _load(name: str):
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def overhead(tmp_path_factory):
+    bench = _load("bench_overhead")
+    out = tmp_path_factory.mktemp("overhead") / "o.json"
+    assert bench.main(["--smoke", "--json", str(out)]) == 0
+    return bench, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def quality(tmp_path_factory):
+    bench = _load("bench_quality")
+    out = tmp_path_factory.mktemp("quality") / "q.json"
+    jsonl = out.with_suffix(".jsonl")
+    assert bench.main(["--smoke", "--json", str(out), "--jsonl", str(jsonl)]) == 0
+    return bench, json.loads(out.read_text()), jsonl
+
+
+def _dims(bench, model_kind: str) -> dict[str, tuple[int, int]]:
+    common = _load("_bench_common")
+    model, regex = bench.build_model(model_kind, smoke=True)
+    return common.linear_dims(model, regex)
+
+
+def test_overhead_parameter_counts_and_state(overhead):
+    bench, res = overhead
+    runs = {(r["model"], r["config"]): r for r in res["runs"]}
+    assert set(runs) == {(m, c) for m in bench.MODELS for c in bench.CONFIGS}
+    for model_kind in bench.MODELS:
+        dims = _dims(bench, model_kind)
+        lora8 = sum(8 * (o + i) for o, i in dims.values())
+        triplet = {n: o + i + 1 for n, (o, i) in dims.items()}
+        lora = runs[(model_kind, "lora")]
+        assert lora["params_start"] == lora["params_end"] == lora8
+        assert runs[(model_kind, "fixed")]["params_start"] == 8 * sum(triplet.values())
+        ada = runs[(model_kind, "adaptive")]
+        assert ada["params_start"] == 12 * sum(triplet.values())
+        assert ada["params_end"] <= lora8 < ada["params_start"]
+        assert ada["params_end"] == sum(r * triplet[n] for n, r in ada["ranks"].items())
+        assert ada["alloc_s"] > 0 and "alloc" in ada["kind"]  # capture happens on that step
+        # capture transient: at least Σ δxᵀ (d_out × d_in, float32) for every layer
+        assert ada["capture_bytes_peak"] >= 4 * sum(o * i for o, i in dims.values())
+        assert 0 < ada["state_bytes_peak"] < ada["adapter_end_bytes"]
+        peft_ada = runs[(model_kind, "adalora")]
+        # PEFT AdaLoRA: A (12, d_in), B (d_out, 12), E (12, 1) and three buffers of that size
+        assert peft_ada["params_start"] == sum(12 * (o + i + 1) for o, i in dims.values())
+        assert peft_ada["state_bytes_peak"] == 3 * 4 * peft_ada["params_start"]
+        assert sum(peft_ada["ranks"].values()) == 8 * len(dims)  # its budget counts ranks
+        assert runs[(model_kind, "floor")]["params_start"] == 1
+        for r in runs.values():
+            assert len(r["wall_s"]) == len(r["cpu_s"]) == r["steps"]
+            assert all(t > 0 for t in r["wall_s"])
+
+
+def test_overhead_summary_ratios(overhead):
+    bench, res = overhead
+    for model_kind in bench.MODELS:
+        ratios = res["summary"]["ratios"][model_kind]
+        assert {"adaptive/lora", "adaptive/adalora", "lora/floor"} <= set(ratios)
+        for values in ratios.values():
+            assert all(math.isfinite(v) and v > 0 for v in values.values())
+    assert "| adaptive/lora |" in res["summary"]["markdown"]
+
+
+def test_step_metrics_amortises_allocation_extra():
+    report = _load("_bench_overhead_report")
+    run = {
+        "wall_s": [9.0, 9.0, 1.0, 1.2, 0.8, 3.0, 5.0, 1.0],
+        "kind": ["plain"] * 5 + ["capture", "alloc", "plain"],
+    }
+    m = report.step_metrics(run, "wall_s", interval=10)
+    # the two warm-up steps are skipped; steady = median(1.0, 1.2, 0.8, 1.0) = 1.0
+    assert m["steady"] == pytest.approx(1.0)
+    assert m["mean"] == pytest.approx(12.0 / 6)
+    # extra = (3 - 1) + (5 - 1) over one allocation; the allocation step alone is 4 above steady
+    assert m["extra_per_alloc"] == pytest.approx(6.0)
+    assert m["extra_max"] == pytest.approx(4.0)
+    assert m["amortised"] == pytest.approx(1.0 + 4.0 / 10)
+
+
+def test_quality_smoke_budgets(quality):
+    bench, res, jsonl = quality
+    recs = res["minilm"]
+    assert {(r["method"], r["budget_r"]) for r in recs} == {
+        (m, b) for m in bench.METHODS for b in (2, 4)
+    }
+    model = bench.build_model(bench.parse_args(["--smoke"]), seed=0)
+    common = _load("_bench_common")
+    dims = common.linear_dims(model, common.BERT_TARGET_REGEX)
+    for r in recs:
+        assert 0.0 <= r["val_acc"] <= 1.0 and math.isfinite(r["train_loss_last"])
+        assert r["param_budget"] == sum(r["budget_r"] * (o + i) for o, i in dims.values())
+        assert set(r["ranks"]) == set(dims)
+        if r["method"] == "lora":
+            assert r["physical_params_end"] == r["param_budget"]
+        if r["method"] == "adarank":
+            assert r["effective_params_end"] == r["physical_params_end"] <= r["param_budget"]
+        if r["method"] == "adalora":
+            assert sum(r["ranks"].values()) == r["budget_r"] * len(dims)
+            assert r["physical_params_end"] == r["physical_params_start"]  # masks, never resizes
+    assert len(common.read_jsonl(jsonl)) == len(recs)  # resumable log written run by run
+
+
+def test_quality_smoke_planted_vs_adalora(quality):
+    _, res, _ = quality
+    recs = res["planted"]
+    methods = {r["method"] for r in recs}
+    assert "adarank" in methods and any(m.startswith("peft-adalora") for m in methods)
+    for r in recs:
+        assert set(r["ranks"]) == {f"blocks.{i}" for i in range(4)}
+        assert math.isfinite(r["rank_recovery_error"]) and r["heldout_mse"] > 0
+        if r["method"].startswith("peft-adalora"):
+            init_r, target_r = (int(v) for v in r["method"].split()[-1].split("→"))
+            assert sum(r["ranks"].values()) == target_r * 4
+            # three element-wise buffers of the rank-init_r adapter (4 modules, 16 × 16)
+            assert r["allocator_state_bytes"] == 3 * 4 * 4 * init_r * (16 + 16 + 1)
+
+
+def test_quality_report_resumes_from_jsonl(quality, capsys):
+    bench, res, jsonl = quality
+    assert bench.main(["--report", str(jsonl)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("| adarank |") == 2 and text.count("| lora |") == 2
