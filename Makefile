@@ -16,7 +16,7 @@ DATA_DIR    ?= .cache/data
 CORPUS      := $(DATA_DIR)/rotten_tomatoes_corpus_full.csv.bz2
 OFFLINE_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-offline} WANDB_SILENT=true
 
-.PHONY: install run test lint format clean data bench-smoke
+.PHONY: install run test lint format clean data bench-smoke recipes validate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,19 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format adarank tests scripts
 	$(VENV)/bin/ruff check --fix adarank tests scripts
+
+recipes: $(STAMP)
+	$(VENV)/bin/adarank recipes
+
+validate: $(STAMP) $(CORPUS)
+	for r in recipes/*.yaml; do $(OFFLINE_ENV) ADARANK_DATA_DIR=$(DATA_DIR) $(VENV)/bin/adarank validate $$r || exit 2; done
+
+bench-smoke: $(STAMP)
+	$(OFFLINE_ENV) $(PY) scripts/bench_planted.py --smoke
+	$(OFFLINE_ENV) $(PY) scripts/bench_overhead.py --smoke
+	$(OFFLINE_ENV) $(PY) scripts/bench_quality.py --smoke
+	$(OFFLINE_ENV) $(PY) scripts/bench_init.py --smoke
+	$(OFFLINE_ENV) $(PY) scripts/bench_inference.py --smoke
 
 clean:
 	rm -rf $(VENV) .cache runs wandb lightning_logs .pytest_cache

@@ -68,8 +68,11 @@ def test_overhead_parameter_counts_and_state(overhead):
         assert ada["params_end"] <= lora8 < ada["params_start"]
         assert ada["params_end"] == sum(r * triplet[n] for n, r in ada["ranks"].items())
         assert ada["alloc_s"] > 0 and "alloc" in ada["kind"]  # capture happens on that step
-        # capture transient: at least Σ δxᵀ (d_out × d_in, float32) for every layer
-        assert ada["capture_bytes_peak"] >= 4 * sum(o * i for o, i in dims.values())
+        # capture transient: the sketches Y (d_out × l1), W (l2 × d_in) and sampled inputs are
+        # held (> 0) but stay below the dense Σ δxᵀ (d_out × d_in, float32) of every layer
+        dense = 4 * sum(o * i for o, i in dims.values())
+        assert 0 < ada["capture_bytes_peak"]
+        assert ada["capture_bytes_peak"] - 4 * 64 * sum(i for _, i in dims.values()) < dense
         assert 0 < ada["state_bytes_peak"] < ada["adapter_end_bytes"]
         peft_ada = runs[(model_kind, "adalora")]
         # PEFT AdaLoRA: A (12, d_in), B (d_out, 12), E (12, 1) and three buffers of that size

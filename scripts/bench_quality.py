@@ -1,0 +1,358 @@
+#!/usr/bin/env python
+"""Quality at equal parameter budget: adarank vs PEFT LoRA vs PEFT AdaLoRA (MiniLM, Rotten Tomatoes).
+
+Reduced protocol (REFERENCE §6 is ~5 min per run on 2 cores; this one is ~1 min on one thread):
+pretrained MiniLM-L6, fresh-vs-rotten snippets, a fixed seeded subset of ``--n-train`` training and
+``--n-val`` validation snippets, ``--max-length`` tokens, batch ``--batch-size``, one epoch, AdamW
+(no weight decay) with 6% warm-up and linear decay, adapters on the 36 query/key/value/attention-
+output/intermediate/output dense layers, classifier head trainable, scaling 1 for every method.
+
+Budgets are LoRA ranks r (``--budgets 2,4,8``): the parameter budget is LoRA r's adapter count.
+    * ``lora``    — PEFT LoRA rank r (lora_alpha = r);
+    * ``adalora`` — PEFT AdaLoRA init_r = ⌈1.5 r⌉ → target_r = r (its budget counts ranks, so
+      its final parameter count is whatever the rank pattern costs; reported);
+    * ``adarank`` — SVDLoRALinear at rank ⌈1.5 r⌉, RankController with final budget = LoRA r's
+      parameter count (cost-aware, may grow), same warm-up / final fractions and interval.
+
+Learning rates are tuned per method on ``--lrs`` at the middle budget with seed 0 (best
+validation accuracy); every budget × seed then runs at that method's best rate.
+
+Examples:
+    python scripts/bench_quality.py --part minilm --jsonl runs/bench_quality/minilm.jsonl
+    python scripts/bench_quality.py --part planted --jsonl runs/bench_quality/planted.jsonl
+    python scripts/bench_quality.py --report runs/bench_quality/minilm.jsonl
+    python scripts/bench_quality.py --smoke            # tiny random BERT, seconds (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import (  # noqa: E402
+    BERT_TARGET_REGEX,
+    adalora_ranks,
+    adalora_state_bytes,
+    append_jsonl,
+    effective_params,
+    linear_dims,
+    machine_info,
+    planted_table,
+    quality_table,
+    read_jsonl,
+    write_json,
+)
+from _bench_planted_peft import run_planted  # noqa: E402
+
+from adarank.allocation import BudgetSchedule, RankController  # noqa: E402
+from adarank.modules import add_adapters, count_parameters  # noqa: E402
+
+METHODS = ("adarank", "lora", "adalora")
+
+
+# ---------------------------------------------------------------------- data and model
+def load_data(args) -> dict[str, torch.Tensor]:
+    """Token ids, masks and labels of the fixed train/validation subsets."""
+    if args.smoke:  # synthetic: label = whether low token ids dominate the snippet
+        g = torch.Generator().manual_seed(0)
+        n = args.n_train + args.n_val
+        ids = torch.randint(5, 69, (n, args.max_length), generator=g)
+        y = ((ids < 37).float().mean(1) > 0.5).long()
+        mask = torch.ones_like(ids)
+        tr, va = slice(0, args.n_train), slice(args.n_train, n)
+        return {"tr": (ids[tr], mask[tr], y[tr]), "va": (ids[va], mask[va], y[va])}
+    from transformers import AutoTokenizer
+
+    from adarank.data.rotten_tomatoes import LABELS, load_rotten_tomatoes
+    from adarank.models.hf import resolve_name_or_path
+
+    texts, labels = load_rotten_tomatoes(download=False)
+    perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
+    pick = perm[: args.n_train + args.n_val]
+    tok = AutoTokenizer.from_pretrained(resolve_name_or_path("minilm"))
+    enc = tok(
+        [texts[i] for i in pick],
+        max_length=args.max_length,
+        truncation=True,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    y = torch.tensor([LABELS.index(labels[i]) for i in pick])
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    tr, va = slice(0, args.n_train), slice(args.n_train, len(pick))
+    return {"tr": (ids[tr], mask[tr], y[tr]), "va": (ids[va], mask[va], y[va])}
+
+
+def build_model(args, seed: int) -> torch.nn.Module:
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    torch.manual_seed(seed)  # the fresh classifier head
+    if args.smoke:
+        cfg = BertConfig(
+            vocab_size=80,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=2,
+        )
+        return AutoModelForSequenceClassification.from_config(cfg)
+    from adarank.models.hf import resolve_name_or_path
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        resolve_name_or_path("minilm"), num_labels=2
+    )
+
+
+def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(1, int(mask.sum(1).max()))
+    return ids[:, :length], mask[:, :length]
+
+
+# ---------------------------------------------------------------------- one run
+def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
+    """Train one configuration for one epoch and return its record."""
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    model = build_model(args, seed)
+    dims = linear_dims(model, BERT_TARGET_REGEX)
+    lora_params = sum(r * (d_out + d_in) for d_out, d_in in dims.values())
+    init_r = math.ceil(1.5 * r)
+    ids, mask, y = data["tr"]
+    steps = len(y) // args.batch_size
+    warm, final = round(args.warmup_frac * steps), round(args.final_frac * steps)
+    controller, peft_model = None, None
+    if method == "adarank":
+        layers = add_adapters(
+            model, ["re:" + BERT_TARGET_REGEX], init_r, modules_to_save=["classifier"], seed=seed
+        )
+        start_live = sum(la.live_params for la in layers.values())
+        schedule = BudgetSchedule(
+            final_budget=lora_params,
+            total_steps=steps,
+            init_budget=max(start_live, int(1.5 * lora_params)),
+            warmup_steps=warm,
+            final_steps=final,
+            interval=args.interval,
+        )
+        controller = RankController(layers, schedule, seed=seed)
+    elif method == "lora":
+        cfg = LoraConfig(
+            r=r, lora_alpha=r, target_modules=BERT_TARGET_REGEX, modules_to_save=["classifier"]
+        )
+        model = peft_model = get_peft_model(model, cfg)
+    elif method == "adalora":
+        cfg = AdaLoraConfig(
+            init_r=init_r,
+            target_r=r,
+            lora_alpha=init_r,  # PEFT AdaLoRA scales by lora_alpha / init_r: 1, as the others
+            tinit=warm,
+            tfinal=final,
+            deltaT=args.interval,
+            total_step=steps,
+            target_modules=BERT_TARGET_REGEX,
+            modules_to_save=["classifier"],
+        )
+        model = peft_model = get_peft_model(model, cfg)
+    else:
+        raise ValueError(f"method={method!r}: expected one of {METHODS}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    physical_start = _adapter_physical(model, method)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if controller is not None:
+        controller.attach_optimizer(opt)
+    warm_lr = max(1, round(0.06 * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm_lr, max(0.0, (steps - s) / max(1, steps - warm_lr)))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(y), generator=gen)
+    model.train()
+    losses, step_times, state_peak = [], [], 0
+    t_run = time.perf_counter()
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        idx = order[(step - 1) * args.batch_size : step * args.batch_size]
+        b_ids, b_mask = _trim(ids[idx], mask[idx])
+        out = model(input_ids=b_ids, attention_mask=b_mask, labels=y[idx])
+        loss = out.loss if controller is None else out.loss + controller.regularizer()
+        loss.backward()
+        if controller is not None:
+            controller.observe()
+        opt.step()
+        sched.step()
+        if controller is not None:
+            controller.step(step)
+        if method == "adalora":
+            peft_model.base_model.update_and_allocate(step)
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(out.loss.detach()))
+        step_times.append(time.perf_counter() - t0)
+        state_peak = max(state_peak, _state_bytes(controller, peft_model, method))
+    train_s = time.perf_counter() - t_run
+    acc = evaluate(model, data["va"])
+    if method == "adarank":
+        ranks = controller.ranks()
+    elif method == "adalora":
+        ranks = adalora_ranks(peft_model)
+    else:
+        ranks = dict.fromkeys(dims, r)
+    return {
+        "method": method,
+        "budget_r": r,
+        "param_budget": lora_params,
+        "lr": lr,
+        "seed": seed,
+        "val_acc": acc,
+        "train_loss_last": sum(losses[-20:]) / len(losses[-20:]),
+        "physical_params_start": physical_start,
+        "physical_params_end": _adapter_physical(model, method),
+        "effective_params_end": effective_params(ranks, dims) if method != "lora" else lora_params,
+        "ranks": ranks,
+        "steps": steps,
+        "train_s": train_s,
+        "step_s_median": sorted(step_times)[len(step_times) // 2],
+        "alloc_s": controller.alloc_time_s if controller is not None else None,
+        "allocator_state_bytes": state_peak,
+    }
+
+
+def _state_bytes(controller, peft_model, method: str) -> int:
+    """Allocation state kept between steps (its peak over the run is reported)."""
+    if controller is not None:
+        return controller.state_memory_bytes()
+    return adalora_state_bytes(peft_model) if method == "adalora" else 0
+
+
+def _adapter_physical(model: torch.nn.Module, method: str) -> int:
+    if method == "adarank":
+        return count_parameters(model)["adapter"]
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split, batch_size: int = 64) -> float:
+    ids, mask, y = split
+    model.eval()
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        b_ids, b_mask = _trim(ids[i : i + batch_size], mask[i : i + batch_size])
+        logits = model(input_ids=b_ids, attention_mask=b_mask).logits
+        correct += int((logits.argmax(-1) == y[i : i + batch_size]).sum())
+    model.train()
+    return correct / len(y)
+
+
+# ---------------------------------------------------------------------- protocol
+def _key(rec: dict) -> tuple:
+    return (rec["method"], rec["budget_r"], float(rec["lr"]), rec["seed"])
+
+
+def run_minilm(args) -> list[dict]:
+    """Tune lr per method (middle budget, seed 0), then every budget × seed at the best lr."""
+    data = load_data(args)
+    done = {_key(r): r for r in read_jsonl(args.jsonl)} if args.jsonl else {}
+    records = list(done.values())
+
+    def go(method, r, lr, seed):
+        key = (method, r, float(lr), seed)
+        if key in done:
+            return done[key]
+        t0 = time.perf_counter()
+        rec = run_one(args, data, method, r, lr, seed)
+        rec["phase"] = "tune" if r == args.tune_budget and seed == 0 else "eval"
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {method:8s} r={r} lr={lr:g} seed={seed} "
+            f"acc={rec['val_acc']:.4f} eff={rec['effective_params_end']} "
+            f"({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+        done[key] = rec
+        records.append(rec)
+        if args.jsonl:
+            append_jsonl(args.jsonl, rec)
+        return rec
+
+    best = {}
+    for lr in args.lrs:  # interleave methods so load changes hit all of them alike
+        for method in args.methods:
+            go(method, args.tune_budget, lr, 0)
+    for method in args.methods:
+        tuned = [done[(method, args.tune_budget, float(lr), 0)] for lr in args.lrs]
+        best[method] = max(tuned, key=lambda rec: rec["val_acc"])["lr"]
+    print(f"best lr per method: {best}", flush=True)
+    for seed in range(args.seeds):
+        for r in args.budgets:
+            for method in args.methods:
+                go(method, r, best[method], seed)
+    return records
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--part", choices=["minilm", "planted", "all"], default="all")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--budgets", default="2,4,8", help="LoRA ranks defining the budgets")
+    ap.add_argument("--tune-budget", type=int, default=4, help="budget (LoRA r) for lr tuning")
+    ap.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="learning-rate grid")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--n-train", type=int, default=1000)
+    ap.add_argument("--n-val", type=int, default=500)
+    ap.add_argument("--max-length", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--interval", type=int, default=5, help="re-allocation interval (steps)")
+    ap.add_argument("--warmup-frac", type=float, default=0.1, help="allocation warm-up fraction")
+    ap.add_argument("--final-frac", type=float, default=0.2, help="frozen final fraction")
+    ap.add_argument("--planted-steps", type=int, default=3000)
+    ap.add_argument("--planted-seeds", type=int, default=2)
+    ap.add_argument("--jsonl", default=None, help="append each run here (resumable)")
+    ap.add_argument("--json", default=None, help="write all results + machine info here")
+    ap.add_argument("--report", default=None, help="print the tables of a JSONL file and exit")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, seconds (CI)")
+    args = ap.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    bad = sorted(set(args.methods) - set(METHODS))
+    if bad:
+        ap.error(f"--methods {bad}: expected a subset of {list(METHODS)}")
+    args.budgets = [int(b) for b in args.budgets.split(",")]
+    args.lrs = [float(v) for v in args.lrs.split(",")]
+    if args.smoke:
+        args.budgets, args.tune_budget, args.lrs, args.seeds = [2, 4], 2, [5e-3], 1
+        args.n_train, args.n_val, args.max_length, args.batch_size = 160, 64, 16, 16
+        args.planted_steps, args.planted_seeds = 150, 1
+    if args.tune_budget not in args.budgets:
+        ap.error(f"--tune-budget {args.tune_budget} must be one of --budgets {args.budgets}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.report:
+        recs = read_jsonl(args.report)
+        print(quality_table([r for r in recs if "budget_r" in r]))
+        print(planted_table([r for r in recs if "rank_recovery_error" in r]))
+        return 0
+    out = {"machine": machine_info(), "args": vars(args)}
+    if args.part in ("minilm", "all"):
+        out["minilm"] = run_minilm(args)
+        print(quality_table(out["minilm"]))
+    if args.part in ("planted", "all"):
+        out["planted"] = run_planted(args)
+        print(planted_table(out["planted"]))
+    if args.json:
+        write_json(args.json, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
