@@ -130,7 +130,12 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
     controller, peft_model = None, None
     if method == "adarank":
         layers = add_adapters(
-            model, ["re:" + BERT_TARGET_REGEX], init_r, modules_to_save=["classifier"], seed=seed
+            model,
+            ["re:" + BERT_TARGET_REGEX],
+            init_r,
+            modules_to_save=["classifier"],
+            seed=seed,
+            scaling=args.adarank_scaling,
         )
         start_live = sum(la.live_params for la in layers.values())
         schedule = BudgetSchedule(
@@ -309,6 +314,12 @@ def parse_args(argv):
     ap.add_argument("--max-length", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--interval", type=int, default=5, help="re-allocation interval (steps)")
+    ap.add_argument(
+        "--adarank-scaling",
+        type=float,
+        default=16.0,
+        help="adarank's ΔW scaling (16 = the shipped transformer configs; 1 = the earlier runs)",
+    )
     ap.add_argument("--warmup-frac", type=float, default=0.1, help="allocation warm-up fraction")
     ap.add_argument("--final-frac", type=float, default=0.2, help="frozen final fraction")
     ap.add_argument("--planted-steps", type=int, default=3000)
