@@ -189,7 +189,10 @@ def candidates_from_sketch(
     w = _project_off(w, vq, "right")
     if k <= 0 or not bool(torch.isfinite(y).all() and torch.isfinite(w).all()):
         return empty
-    qy = _orth_basis(y)
+    # range basis of the sketch, dropping directions at round-off level: they carry no
+    # gradient and would make the co-range solve ill-conditioned (process-layout dependent)
+    uy, sy, _ = torch.linalg.svd(y, full_matrices=False)
+    qy = uy[:, sy > 1e-6 * float(sy.max())] if sy.numel() and float(sy.max()) > 0 else uy[:, :0]
     if qy.shape[1] == 0:
         return empty
     qa, ra = torch.linalg.qr(psi @ qy)  # least squares (Ψ' Q_Y) core = W via QR (deterministic)
