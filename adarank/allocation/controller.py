@@ -85,9 +85,11 @@ class RankController:
         grow: propose growth candidates (otherwise prune-only).
         candidates_per_layer: growth candidates proposed per layer and allocation.
         protect_rounds: allocation rounds during which a new triplet cannot be pruned.
-        orth_reg: γ of the orthogonality regulariser (0 disables); 0.1 keeps P, Q close to
-            orthonormal so each triplet's score is its own (no energy split across redundant
-            triplets) without slowing the fit (REFERENCE §2: γ ≤ 0.1 fine, γ = 1 hurts).
+        orth_reg: γ of the orthogonality regulariser (0 disables, the default). γ = 0.1 keeps
+            P, Q close to orthonormal so each triplet's score is its own (no energy split across
+            redundant triplets): it is what recovers planted ranks on mixed layer widths. On
+            transformers with Adam it slowed or stopped learning in short runs (the penalty's
+            gradient dominates the P, Q updates while λ ≈ 0), hence off by default.
         optimizer: optimizer to keep consistent (also :meth:`attach_optimizer`).
         seed: seed of the randomized SVD used for growth.
     """
@@ -105,7 +107,7 @@ class RankController:
         grow: bool = True,
         candidates_per_layer: int = 4,
         protect_rounds: int = 1,
-        orth_reg: float = 0.1,
+        orth_reg: float = 0.0,
         optimizer: torch.optim.Optimizer | None = None,
         seed: int = 0,
     ) -> None:

@@ -109,7 +109,7 @@ class AdaRankModule(pl.LightningModule):
         max_rank: int | None = None,
         scorer: str = "energy",
         grow: bool = True,
-        orth_reg: float = 0.1,
+        orth_reg: float = 0.0,
         lr: float = 1e-3,
         head_lr: float | None = None,
         weight_decay: float = 0.0,
