@@ -136,6 +136,7 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
             modules_to_save=["classifier"],
             seed=seed,
             scaling=args.adarank_scaling,
+            factor_init=args.adarank_factor_init,
         )
         start_live = sum(la.live_params for la in layers.values())
         schedule = BudgetSchedule(
@@ -319,6 +320,12 @@ def parse_args(argv):
         type=float,
         default=16.0,
         help="adarank's ΔW scaling (16 = the shipped transformer configs; 1 = the earlier runs)",
+    )
+    ap.add_argument(
+        "--adarank-factor-init",
+        default="svd",
+        choices=["svd", "lora"],
+        help="adarank's factor init: svd (λ = 0, orthonormal P, Q) or lora (P = 0, λ = 1)",
     )
     ap.add_argument("--warmup-frac", type=float, default=0.1, help="allocation warm-up fraction")
     ap.add_argument("--final-frac", type=float, default=0.2, help="frozen final fraction")
