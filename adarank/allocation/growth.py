@@ -124,21 +124,27 @@ def growth_candidates(
         )
     up = _orth_basis(P.detach().double().to(g.device))
     vq = _orth_basis(Q.detach().double().T.to(g.device))
-    if up.shape[1]:
-        g = g - up @ (up.T @ g)
-    if vq.shape[1]:
-        g = g - (g @ vq) @ vq.T
+    g = _project_off(_project_off(g, up, "left"), vq, "right")
     u, s, v = randomized_svd(g, k, seed=seed)
-    # re-project (round-off) and normalise so candidates are exactly ⟂ the live subspaces
-    if up.shape[1]:
-        u = u - up @ (up.T @ u)
-    if vq.shape[1]:
-        v = v - vq @ (vq.T @ v)
+    cand = _finish(u, s, v, up, vq)
+    cand.energy_in = input_energy(
+        cand.q_rows, input_samples=input_samples, input_moment=input_moment
+    )
+    return cand
+
+
+def _finish(
+    u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, up: torch.Tensor, vq: torch.Tensor
+) -> Candidates:
+    """Re-project (round-off) and normalise so candidates are exactly ⟂ the live subspaces;
+    drop directions with no gradient. ``energy_in`` is left at ones for the caller to fill."""
+    u = _project_off(u, up, "left")
+    v = _project_off(v, vq, "left")
     u = u / u.norm(dim=0).clamp_min(1e-30)
     v = v / v.norm(dim=0).clamp_min(1e-30)
-    energy = input_energy(v.T, input_samples=input_samples, input_moment=input_moment)
     keep = s > 1e-12 * max(1.0, float(s.max()) if s.numel() else 1.0)
-    return Candidates(u[:, keep], v[:, keep].T, s[keep], energy[keep])
+    n = int(keep.sum())
+    return Candidates(u[:, keep], v[:, keep].T, s[keep], torch.ones(n, dtype=torch.float64))
 
 
 def _project_off(m: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
@@ -201,11 +207,4 @@ def candidates_from_sketch(
     core = torch.linalg.solve_triangular(ra, qa.T @ w, upper=True)  # (l1, d_in): G⊥ ≈ qy · core
     u_s, s, vh = torch.linalg.svd(core, full_matrices=False)
     k = min(k, int(s.numel()))
-    u = _project_off(qy @ u_s[:, :k], up, "left")
-    v = _project_off(vh[:k].T, vq, "left")
-    u = u / u.norm(dim=0).clamp_min(1e-30)
-    v = v / v.norm(dim=0).clamp_min(1e-30)
-    s = s[:k]
-    keep = s > 1e-12 * max(1.0, float(s.max()) if s.numel() else 1.0)
-    energy = torch.ones(int(keep.sum()), dtype=torch.float64)
-    return Candidates(u[:, keep], v[:, keep].T, s[keep], energy)
+    return _finish(qy @ u_s[:, :k], s[:k], vh[:k].T, up, vq)

@@ -99,9 +99,7 @@ def fit_planted(
             controller.step(step)
         opt.zero_grad(set_to_none=True)
     wall = time.perf_counter() - start
-    ranks = {
-        n_: layers_rank for n_, layers_rank in ((n_, la.rank) for n_, la in _layers(model).items())
-    }
+    ranks = {name: layer.rank for name, layer in layers.items()}
     heldout = task.heldout_mse(model)
     return {
         "method": method,
@@ -119,9 +117,3 @@ def fit_planted(
         "model": model,
         "controller": controller,
     }
-
-
-def _layers(model):
-    from adarank.modules import adapter_layers
-
-    return adapter_layers(model)
