@@ -8,6 +8,8 @@ SKIP = 2  # first optimizer steps excluded from timing (lazy init, allocator war
 RATIOS = (
     ("adaptive", "lora"),
     ("adaptive", "adalora"),
+    ("adaptive1x", "lora"),
+    ("adaptive1x", "adalora"),
     ("fixed", "lora"),
     ("nostats", "lora"),
     ("adalora", "lora"),

@@ -4,6 +4,9 @@
 Configurations (same target modules, same parameter budget = PEFT LoRA r=8's adapter count):
     * ``adaptive``  — SVDLoRALinear at rank 12 + RankController (final budget = LoRA r=8's
       count, init 1.5×, cubic decay, growth on);
+    * ``adaptive1x`` — SVDLoRALinear at rank 8 + RankController at a constant budget (init =
+      final = LoRA r=8's count): ranks move between layers by prune + grow, the adapter never
+      exceeds the budget;
     * ``fixed``     — SVDLoRALinear at rank 8, no controller (allocation off);
     * ``nostats``   — as ``fixed`` with ``track_stats = False`` (profiling: the per-step (Qx)²
       statistics switched off);
@@ -51,7 +54,7 @@ from _bench_common import (  # noqa: E402
 )
 from _bench_overhead_report import summarize  # noqa: E402
 
-CONFIGS = ("adaptive", "fixed", "nostats", "lora", "adalora", "floor")
+CONFIGS = ("adaptive", "adaptive1x", "fixed", "nostats", "lora", "adalora", "floor")
 MODELS = ("gpt2", "bert")
 
 
@@ -110,16 +113,16 @@ def worker(
     warm, final = max(1, round(0.1 * steps)), max(1, round(0.2 * steps))
     fan = model_kind == "gpt2"  # GPT-2 Conv1D stores weights as (d_in, d_out)
     controller = peft_model = layers = None
-    if config in ("adaptive", "fixed", "nostats"):
+    if config in ("adaptive", "adaptive1x", "fixed", "nostats"):
         layers = add_adapters(model, ["re:" + regex], 12 if config == "adaptive" else 8, seed=0)
         for la in layers.values():
             la.track_stats = config != "nostats"
-        if config == "adaptive":
+        if config.startswith("adaptive"):
             start = sum(la.live_params for la in layers.values())
             sched = BudgetSchedule(
                 lora_params,
                 steps,
-                init_budget=start,
+                init_budget=start if config == "adaptive" else lora_params,
                 warmup_steps=warm,
                 final_steps=final,
                 interval=interval,

@@ -53,7 +53,7 @@ from _bench_planted_peft import run_planted  # noqa: E402
 from adarank.allocation import BudgetSchedule, RankController  # noqa: E402
 from adarank.modules import add_adapters, count_parameters  # noqa: E402
 
-METHODS = ("adarank", "lora", "adalora")
+METHODS = ("adarank", "adarank-fixed", "lora", "adalora")
 
 
 # ---------------------------------------------------------------------- data and model
@@ -128,26 +128,38 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
     steps = len(y) // args.batch_size
     warm, final = round(args.warmup_frac * steps), round(args.final_frac * steps)
     controller, peft_model = None, None
-    if method == "adarank":
+    if method in ("adarank", "adarank-fixed"):
         layers = add_adapters(
             model,
             ["re:" + BERT_TARGET_REGEX],
-            init_r,
+            init_r if method == "adarank" else r,
             modules_to_save=["classifier"],
             seed=seed,
             scaling=args.adarank_scaling,
             factor_init=args.adarank_factor_init,
         )
+        if args.adarank_init != "lora":
+            from adarank.init import initialize_adapters
+
+            cal = [
+                dict(zip(("input_ids", "attention_mask"), _trim(ids[i : i + 16], mask[i : i + 16])))
+                | {"labels": y[i : i + 16]}
+                for i in range(0, 16 * args.init_batches, 16)
+            ]
+            initialize_adapters(
+                model, args.adarank_init, cal, num_batches=args.init_batches, seed=seed
+            )
         start_live = sum(la.live_params for la in layers.values())
-        schedule = BudgetSchedule(
-            final_budget=lora_params,
-            total_steps=steps,
-            init_budget=max(start_live, int(1.5 * lora_params)),
-            warmup_steps=warm,
-            final_steps=final,
-            interval=args.interval,
-        )
-        controller = RankController(layers, schedule, seed=seed)
+        if method == "adarank":  # adarank-fixed: same layers at rank r, allocation off
+            schedule = BudgetSchedule(
+                final_budget=lora_params,
+                total_steps=steps,
+                init_budget=max(start_live, int(1.5 * lora_params)),
+                warmup_steps=warm,
+                final_steps=final,
+                interval=args.interval,
+            )
+            controller = RankController(layers, schedule, seed=seed)
     elif method == "lora":
         cfg = LoraConfig(
             r=r, lora_alpha=r, target_modules=BERT_TARGET_REGEX, modules_to_save=["classifier"]
@@ -217,6 +229,7 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
         "seed": seed,
         "val_acc": acc,
         "train_loss_last": sum(losses[-20:]) / len(losses[-20:]),
+        "losses": [round(v, 4) for v in losses],
         "physical_params_start": physical_start,
         "physical_params_end": _adapter_physical(model, method),
         "effective_params_end": effective_params(ranks, dims) if method != "lora" else lora_params,
@@ -237,7 +250,7 @@ def _state_bytes(controller, peft_model, method: str) -> int:
 
 
 def _adapter_physical(model: torch.nn.Module, method: str) -> int:
-    if method == "adarank":
+    if method.startswith("adarank"):
         return count_parameters(model)["adapter"]
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
@@ -327,6 +340,12 @@ def parse_args(argv):
         choices=["svd", "lora"],
         help="adarank's factor init: svd (λ = 0, orthonormal P, Q) or lora (P = 0, λ = 1)",
     )
+    ap.add_argument(
+        "--adarank-init",
+        default="lora",
+        help="adarank init strategy (adarank.init: lora = the layer's own init, gradient, ...)",
+    )
+    ap.add_argument("--init-batches", type=int, default=4, help="calibration batches of 16")
     ap.add_argument("--warmup-frac", type=float, default=0.1, help="allocation warm-up fraction")
     ap.add_argument("--final-frac", type=float, default=0.2, help="frozen final fraction")
     ap.add_argument("--planted-steps", type=int, default=3000)

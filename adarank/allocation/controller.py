@@ -223,47 +223,75 @@ class RankController:
 
     # ------------------------------------------------------------------ observe
     def observe(self) -> None:
-        """Consume the statistics of one optimizer step (call after backward/accumulation)."""
+        """Consume the statistics of one optimizer step (call after backward/accumulation).
+
+        The per-slot vectors of every layer (``Σ (Qx)²`` and the scorer's
+        :meth:`~adarank.allocation.importance.Scorer.slot_stats`) are packed into one buffer:
+        one all-reduce under DDP, one device→host copy and a vectorised scorer update per step,
+        not a few small operations and a host sync per layer.
+        """
         self._observed_since_step = True
         dist = _dist()
+        keys = self.scorer.stat_keys
+        items, z_parts, counts, valid = [], [], [], []
+        s_parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+        home = next(iter(self.layers.values())).lora_lambda.device
         for name, layer in self.layers.items():
             z_sum, count = layer.pop_stats()
-            if dist is not None:
-                buf = torch.cat(
-                    [
-                        z_sum.double(),
-                        torch.tensor([float(count)], dtype=torch.float64, device=z_sum.device),
-                    ]
-                )
-                dist.all_reduce(buf)
-                z_sum, count = buf[:-1], int(buf[-1].item())
-            z_mean = z_sum.double().cpu() / count if count else None
-            grads = [p.grad for p in (layer.lora_P, layer.lora_lambda, layer.lora_Q)]
-            bad = z_mean is not None and not bool(torch.isfinite(z_mean).all())
-            bad = bad or any(g is not None and not bool(torch.isfinite(g).all()) for g in grads)
-            if bad:
-                self._warn_once(
-                    f"nonfinite:{name}",
-                    f"non-finite gradients or statistics in {name!r}: importance update skipped",
-                )
-                continue
-            if layer.rank and any(g is None for g in grads) and self.scorer.name == "sensitivity":
+            stats = self.scorer.slot_stats(layer) if layer.rank else {}
+            if stats is None:
                 self._warn_once(
                     f"nograd:{name}", f"no gradient for adapter {name!r}: importance update skipped"
                 )
-                continue
-            self.scorer.update(name, layer, z_mean)
-            if layer.captured_sketch is not None and layer.captured_tokens:
-                y, w = layer.captured_sketch
-                if dist is not None:
-                    yw = torch.cat([y.flatten(), w.flatten()])
-                    dist.all_reduce(yw)
-                    yw /= dist.get_world_size()  # DDP averages gradients across processes
-                    y, w = yw[: y.numel()].view_as(y), yw[y.numel() :].view_as(w)
-                psi = layer._sketch[1]
-                samples = layer.captured_inputs().detach().cpu()
-                self._captured[name] = (y.detach().cpu(), w.detach().cpu(), psi.cpu(), samples)
-            layer.capture_gradient(False)
+            items.append((name, layer))
+            valid.append(stats is not None)
+            z_parts.append(z_sum.to(home))
+            counts.append(float(count))
+            for k in keys:
+                v = stats.get(k) if stats else None
+                s_parts[k].append(z_sum.new_zeros(layer.rank) if v is None else v.to(home))
+        # float32 sums are exact enough; the all-reduce and the scorer maths run in float64
+        zbuf = torch.cat([*z_parts, torch.tensor(counts, device=home)]).double()
+        if dist is not None:  # Σ (Qx)² and token counts over processes (gradients are synced)
+            dist.all_reduce(zbuf)
+        rest = [t for k in keys for t in s_parts[k]]
+        host = torch.cat([zbuf, torch.cat(rest).double()] if rest else [zbuf]).cpu()  # one copy
+        n = zbuf.numel() - len(items)
+        z_all, counts = host[:n], host[n : n + len(items)].tolist()
+        stats = {
+            k: host[n + len(items) + i * n : n + len(items) + (i + 1) * n]
+            for i, k in enumerate(keys)
+        }
+        if not bool(torch.isfinite(host).all()):
+            off = 0
+            for i, (name, layer) in enumerate(items):
+                sl = slice(off, off + layer.rank)
+                off += layer.rank
+                parts = [z_all[sl], *(v[sl] for v in stats.values())]
+                if not all(bool(torch.isfinite(v).all()) for v in parts):
+                    valid[i] = False
+                    self._warn_once(
+                        f"nonfinite:{name}",
+                        f"non-finite gradients or statistics in {name!r}: importance update "
+                        "skipped",
+                    )
+        self.scorer.update_batch(items, z_all, counts, stats, valid)
+        for (name, layer), ok in zip(items, valid):
+            if ok:
+                self._consume_sketch(name, layer, dist)
+
+    def _consume_sketch(self, name, layer, dist) -> None:
+        if layer.captured_sketch is not None and layer.captured_tokens:
+            y, w = layer.captured_sketch
+            if dist is not None:
+                yw = torch.cat([y.flatten(), w.flatten()])
+                dist.all_reduce(yw)
+                yw /= dist.get_world_size()  # DDP averages gradients across processes
+                y, w = yw[: y.numel()].view_as(y), yw[y.numel() :].view_as(w)
+            psi = layer._sketch[1]
+            samples = layer.captured_inputs().detach().cpu()
+            self._captured[name] = (y.detach().cpu(), w.detach().cpu(), psi.cpu(), samples)
+        layer.capture_gradient(False)
 
     # ------------------------------------------------------------------ step
     def step(self, global_step: int) -> AllocationEvent | None:

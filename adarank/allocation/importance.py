@@ -1,7 +1,9 @@
 r"""Per-triplet importance scores, fed once per optimizer step.
 
-Three pluggable scorers share one interface (:class:`Scorer`): ``update(layer, stats)`` from the
-complete gradients and forward statistics of one optimizer step, ``scores(layer)`` for the live
+Three pluggable scorers share one interface (:class:`Scorer`): ``slot_stats(layer)`` returns the
+few per-slot vectors one optimizer step contributes (computed where the layer lives, from its
+complete gradients), the controller copies the vectors of *all* layers to the host in one
+transfer, and ``update(name, layer, z_sq_mean, stats)`` folds them into the EMAs; ``scores(layer)`` for the live
 triplets, ``candidate_scores(sigma, energy_in)`` for growth candidates on the same scale, and
 ``remap(keep, n_new, new_state)`` when the layer is resized. State is **per triplet** (a few
 floats each), not per element: it is ≪ the adapter itself.
@@ -104,7 +106,50 @@ class Scorer:
         self.state = {n: {k: v.clone().double() for k, v in st.items()} for n, st in state.items()}
 
     # -- interface --------------------------------------------------------------------------
-    def update(self, name: str, layer, z_sq_mean: torch.Tensor | None) -> bool:
+    #: keys of :meth:`slot_stats`
+    stat_keys: tuple[str, ...] = ()
+
+    def slot_stats(self, layer) -> dict[str, torch.Tensor] | None:
+        """Per-slot 1-D tensors (length ``layer.rank``, on the layer's device) for :meth:`update`.
+
+        Returns exactly :attr:`stat_keys`, or ``None`` when the step carries nothing for this
+        layer (e.g. a gradient is missing). The controller packs the vectors of all layers into
+        one buffer and moves it to the host at once.
+        """
+        return {}
+
+    def update_batch(
+        self,
+        layers: list[tuple[str, object]],
+        z_sum: torch.Tensor,
+        counts: list[float],
+        stats: dict[str, torch.Tensor],
+        valid: list[bool],
+    ) -> None:
+        """Fold one step of every layer into the state.
+
+        Args:
+            layers: ``(name, layer)`` in the packing order.
+            z_sum: ``Σ (Qx)²`` of all slots, concatenated in that order (host, float64).
+            counts: tokens behind ``z_sum`` per layer.
+            stats: ``{key: all slots}`` of :meth:`slot_stats` (host, float64).
+            valid: per layer, False to leave its state untouched this step.
+
+        The default calls :meth:`update` per layer; scorers override it to update every slot of
+        every layer in a few vectorised operations.
+        """
+        off = 0
+        for (name, layer), count, ok in zip(layers, counts, valid):
+            sl = slice(off, off + layer.rank)
+            off += layer.rank
+            if ok:
+                z_mean = z_sum[sl] / count if count else None
+                self.update(name, layer, z_mean, {k: v[sl] for k, v in stats.items()})
+
+    def update(
+        self, name: str, layer, z_sq_mean: torch.Tensor | None, stats: dict[str, torch.Tensor]
+    ) -> bool:
+        """Fold one step into the state; ``stats`` = :meth:`slot_stats` on the host (float64)."""
         raise NotImplementedError
 
     def scores(self, name: str, layer) -> torch.Tensor:
@@ -134,23 +179,61 @@ class EnergyScorer(Scorer):
 
     name = "energy"
     state_keys = ("m", "a_hat")
+    stat_keys = ("g", "lam", "p")
 
-    def update(self, name, layer, z_sq_mean):
+    def slot_stats(self, layer):
+        lam = layer.lora_lambda
+        return {
+            "g": lam.grad.detach() if lam.grad is not None else torch.zeros_like(lam.detach()),
+            "lam": lam.detach(),
+            "p": layer.lora_P.detach().float().norm(dim=0),
+        }
+
+    @staticmethod
+    def _a_hat(lam, p, g, s2, m_now):
+        """Gauss–Newton optimum of ``a = λ‖p‖``: ``a − (∂L/∂a) / (s² m)`` (g = 0: a itself)."""
+        g_a = g / p.clamp_min(1e-12)  # ∂L/∂a = (∂L/∂λ) / ‖p‖
+        h_a = (s2 * m_now).clamp_min(1e-12)  # ∂²L/∂a², unit output curvature
+        return lam * p - g_a / h_a
+
+    def update(self, name, layer, z_sq_mean, stats):
         st = self._layer_state(name, layer.rank)
         if z_sq_mean is None or layer.rank == 0:
             return False
-        lam, p, _ = _col_norms(layer)
         m_now = z_sq_mean.double().cpu()
-        a_hat = lam * p
-        grad = layer.lora_lambda.grad
-        if grad is not None:
-            g_a = grad.detach().double().cpu() / p.clamp_min(1e-12)  # ∂L/∂a = (∂L/∂λ) / ‖p‖
-            h_a = (layer.scaling**2 * m_now).clamp_min(1e-12)  # ∂²L/∂a², unit output curvature
-            a_hat = a_hat - g_a / h_a
+        a_hat = self._a_hat(stats["lam"], stats["p"], stats["g"], layer.scaling**2, m_now)
         self._ema(st, "m", m_now, self.beta1)
         self._ema(st, "a_hat", a_hat, self.beta1)
         st["seen"] = st["seen"] + 1
         return True
+
+    def update_batch(self, layers, z_sum, counts, stats, valid):
+        ranks = [layer.rank for _, layer in layers]
+        states = [self._layer_state(name, r) for (name, _), r in zip(layers, ranks)]
+        use = [bool(ok and c > 0) for ok, c in zip(valid, counts)]
+        if not any(use) or not sum(ranks):
+            return
+        per_slot = torch.tensor(ranks)
+
+        def spread(values, dtype=torch.float64):
+            return torch.repeat_interleave(torch.tensor(values, dtype=dtype), per_slot)
+
+        mask = spread(use, torch.bool)
+        m_now = z_sum / spread([max(c, 1.0) for c in counts])
+        s2 = spread([layer.scaling**2 for _, layer in layers])
+        a_now = self._a_hat(stats["lam"], stats["p"], stats["g"], s2, m_now)
+        cat = {k: torch.cat([st[k] for st in states]) for k in ("m", "a_hat", "seen")}
+        fresh = cat["seen"] == 0
+        b = self.beta1
+        new = {
+            "m": torch.where(fresh, m_now, b * cat["m"] + (1 - b) * m_now),
+            "a_hat": torch.where(fresh, a_now, b * cat["a_hat"] + (1 - b) * a_now),
+        }
+        new = {k: torch.where(mask, v, cat[k]) for k, v in new.items()}
+        new["seen"] = cat["seen"] + mask.double()
+        for k, v in new.items():
+            for st, part in zip(states, v.split(ranks)):
+                st[k] = part
 
     def scores(self, name, layer):
         st = self._layer_state(name, layer.rank)
@@ -169,16 +252,25 @@ class SensitivityScorer(Scorer):
 
     name = "sensitivity"
     state_keys = ("i_lam", "u_lam", "i_p", "u_p", "i_q", "u_q")
+    stat_keys = ("lam", "p", "q")
 
-    def update(self, name, layer, z_sq_mean):
-        st = self._layer_state(name, layer.rank)
+    def slot_stats(self, layer):
         grads = (layer.lora_lambda.grad, layer.lora_P.grad, layer.lora_Q.grad)
-        if layer.rank == 0 or any(g is None for g in grads):
+        if any(g is None for g in grads):
+            return None
+        with torch.no_grad():
+            return {
+                "lam": (layer.lora_lambda * grads[0]).abs(),
+                "p": (layer.lora_P * grads[1]).abs().mean(0),
+                "q": (layer.lora_Q * grads[2]).abs().mean(1),
+            }
+
+    def update(self, name, layer, z_sq_mean, stats):
+        st = self._layer_state(name, layer.rank)
+        if layer.rank == 0 or not stats:
             return False
-        lam_s = (layer.lora_lambda.detach() * grads[0]).abs().double().cpu()
-        p_s = (layer.lora_P.detach() * grads[1]).abs().mean(0).double().cpu()
-        q_s = (layer.lora_Q.detach() * grads[2]).abs().mean(1).double().cpu()
-        for group, sens in (("lam", lam_s), ("p", p_s), ("q", q_s)):
+        for group in ("lam", "p", "q"):
+            sens = stats[group]
             i_old = st[f"i_{group}"]
             self._ema(st, f"i_{group}", sens, self.beta1)
             unc = (sens - torch.where(st["seen"] == 0, sens, i_old)).abs()
@@ -197,7 +289,7 @@ class MagnitudeScorer(Scorer):
     name = "magnitude"
     state_keys = ("unused",)
 
-    def update(self, name, layer, z_sq_mean):
+    def update(self, name, layer, z_sq_mean, stats):
         self._layer_state(name, layer.rank)
         return True
 

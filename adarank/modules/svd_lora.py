@@ -343,7 +343,7 @@ class SVDLoRALinear(nn.Module):
 
     def pop_stats(self) -> tuple[torch.Tensor, int]:
         """Return and reset ``(Σ (Q x)², token count)`` accumulated since the last call."""
-        out = (self.z_sq_sum.clone(), self.z_count)
+        out = (self.z_sq_sum, self.z_count)  # handed over, not copied: a fresh sum starts
         self._reset_stats()
         return out
 

@@ -199,7 +199,7 @@ def test_energy_score_equals_output_energy_of_each_triplet():
     got = ctrl.scorer.scores("0", layer)
     for i in range(3):
         dw_i = 2.0 * layer.lora_lambda[i] * torch.outer(layer.lora_P[:, i], layer.lora_Q[i])
-        ref = (x @ dw_i.T).pow(2).sum(1).mean()
+        ref = (x @ dw_i.T).pow(2).sum(1).mean().detach()
         assert float(got[i]) == pytest.approx(float(ref), rel=1e-5)
 
 
