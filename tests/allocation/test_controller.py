@@ -260,3 +260,45 @@ def test_energy_score_is_defined_for_lora_style_init():
     ctrl.observe()
     s = ctrl.scorer.scores("0", layer)
     assert torch.isfinite(s).all() and (s > 0).all()
+
+
+@pytest.mark.parametrize("scorer", ["energy", "sensitivity"])
+def test_vectorised_observe_equals_per_layer_updates(scorer):
+    """observe() packs all layers into one buffer; the result must equal updating each layer
+    on its own (unequal ranks, a rank-0 layer, a layer whose statistics are non-finite)."""
+    from adarank.allocation import make_scorer
+
+    task, model, opt, ctrl = make_setup(rank=5)
+    ctrl.scorer = make_scorer(scorer)
+    names = list(ctrl.layers)
+    ctrl.layers[names[1]].prune([0, 3])
+    ctrl.layers[names[3]].prune(range(5))
+    ref = make_scorer(scorer)
+    for step in range(3):
+        model(task.x_train[:32]).pow(2).mean().backward()
+        if step == 1:
+            ctrl.layers[names[2]].lora_lambda.grad[1] = float("inf")
+        expected = {}
+        for name, layer in ctrl.layers.items():  # reference: one layer at a time, float64
+            z_sum, count = layer.z_sq_sum.double().clone(), layer.z_count
+            stats = ref.slot_stats(layer) if layer.rank else {}
+            stats = {k: v.double().clone() for k, v in (stats or {}).items()}
+            ok = all(torch.isfinite(v).all() for v in (z_sum, *stats.values()))
+            expected[name] = (z_sum / count if count else None, stats, ok)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ctrl.observe()
+        for name, layer in ctrl.layers.items():
+            z_mean, stats, ok = expected[name]
+            if ok:
+                ref.update(name, layer, z_mean, stats)
+            else:
+                ref._layer_state(name, layer.rank)
+        opt.zero_grad(set_to_none=True)
+    for name in names:
+        got, want = ctrl.scorer.state[name], ref.state[name]
+        assert set(got) == set(want)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-12)
+    assert ctrl.scorer.state[names[2]]["seen"].tolist() == [2.0] * 5  # step 1 skipped
+    assert ctrl.scorer.state[names[0]]["seen"].tolist() == [3.0] * 5
