@@ -132,7 +132,7 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
         layers = add_adapters(
             model,
             ["re:" + BERT_TARGET_REGEX],
-            init_r if method == "adarank" else r,
+            math.ceil(args.adarank_init_ratio * r) if method == "adarank" else r,
             modules_to_save=["classifier"],
             seed=seed,
             scaling=args.adarank_scaling,
@@ -154,7 +154,7 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
             schedule = BudgetSchedule(
                 final_budget=lora_params,
                 total_steps=steps,
-                init_budget=max(start_live, int(1.5 * lora_params)),
+                init_budget=max(start_live, int(args.adarank_init_ratio * lora_params)),
                 warmup_steps=warm,
                 final_steps=final,
                 interval=args.interval,
@@ -230,6 +230,29 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
         "val_acc": acc,
         "train_loss_last": sum(losses[-20:]) / len(losses[-20:]),
         "losses": [round(v, 4) for v in losses],
+        "protocol": {
+            k: getattr(args, k)
+            for k in (
+                "n_train",
+                "n_val",
+                "max_length",
+                "batch_size",
+                "interval",
+                "warmup_frac",
+                "final_frac",
+            )
+        },
+        "adarank_config": {
+            k: getattr(args, k)
+            for k in (
+                "adarank_scaling",
+                "adarank_factor_init",
+                "adarank_init",
+                "adarank_init_ratio",
+            )
+        }
+        if method.startswith("adarank")
+        else None,
         "physical_params_start": physical_start,
         "physical_params_end": _adapter_physical(model, method),
         "effective_params_end": effective_params(ranks, dims) if method != "lora" else lora_params,
@@ -344,6 +367,13 @@ def parse_args(argv):
         "--adarank-init",
         default="lora",
         help="adarank init strategy (adarank.init: lora = the layer's own init, gradient, ...)",
+    )
+    ap.add_argument(
+        "--adarank-init-ratio",
+        type=float,
+        default=1.5,
+        help="adarank's starting budget / final budget (1.5 = AdaLoRA's init_r/target_r; 1 = "
+        "start at the budget and only move ranks between layers)",
     )
     ap.add_argument("--init-batches", type=int, default=4, help="calibration batches of 16")
     ap.add_argument("--warmup-frac", type=float, default=0.1, help="allocation warm-up fraction")

@@ -128,6 +128,10 @@ def test_quality_smoke_budgets(quality):
             assert r["physical_params_end"] == r["param_budget"]
         if r["method"] == "adarank":
             assert r["effective_params_end"] == r["physical_params_end"] <= r["param_budget"]
+        if r["method"] == "adarank-fixed":  # same layer, allocation off, LoRA's rank
+            assert set(r["ranks"].values()) == {r["budget_r"]}
+            assert r["physical_params_end"] == r["physical_params_start"]
+            assert r["adarank_config"]["adarank_scaling"] == 16.0
         if r["method"] == "adalora":
             assert sum(r["ranks"].values()) == r["budget_r"] * len(dims)
             assert r["physical_params_end"] == r["physical_params_start"]  # masks, never resizes
