@@ -158,3 +158,21 @@ def test_quality_report_resumes_from_jsonl(quality, capsys):
     assert bench.main(["--report", str(jsonl)]) == 0
     text = capsys.readouterr().out
     assert text.count("| adarank |") == 2 and text.count("| lora |") == 2
+
+
+def test_profile_growth_step_smoke(tmp_path):
+    """The growth-step profile separates plain and growth steps and restores the controller."""
+    prof = _load("profile_growth_step")
+    import adarank.allocation.controller as controller_mod
+
+    before = controller_mod.candidates_from_sketch
+    out = tmp_path / "p.json"
+    assert prof.main(["--smoke", "--model", "bert", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert controller_mod.candidates_from_sketch is before
+    calls = res["calls"]
+    n_growth = calls["growth: forward"]
+    assert n_growth == 4 and calls["plain: forward"] == 5  # 9 steps, growth every 2nd from 2
+    assert calls["candidates"] == n_growth * res["layers"]  # every layer proposes at every growth
+    assert res["median_ms"]["plain: controller.step"] < res["median_ms"]["growth: controller.step"]
+    assert res["growth_extra_ms"] > 0 and res["plain_step_ms"] > 0
