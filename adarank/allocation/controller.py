@@ -384,7 +384,12 @@ class RankController:
     @staticmethod
     def _mean_input_energy(samples: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
         """E[(vᵀx)²] per candidate from the sampled inputs of every process."""
-        sq = ((samples.double() @ q_rows.double().T) ** 2).sum(0) if samples.shape[0] else None
+        # float32 product (the samples are float32 already), float64 sums
+        sq = (
+            (samples.float() @ q_rows.float().T).double().pow(2).sum(0)
+            if samples.shape[0]
+            else None
+        )
         count = float(samples.shape[0])
         dist = _dist()
         if dist is not None:
