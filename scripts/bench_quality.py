@@ -159,7 +159,7 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
                 final_steps=final,
                 interval=args.interval,
             )
-            controller = RankController(layers, schedule, seed=seed)
+            controller = RankController(layers, schedule, scorer=args.adarank_scorer, seed=seed)
     elif method == "lora":
         cfg = LoraConfig(
             r=r, lora_alpha=r, target_modules=BERT_TARGET_REGEX, modules_to_save=["classifier"]
@@ -245,6 +245,7 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
         "adarank_config": {
             k: getattr(args, k)
             for k in (
+                "adarank_scorer",
                 "adarank_scaling",
                 "adarank_factor_init",
                 "adarank_init",
@@ -374,6 +375,12 @@ def parse_args(argv):
         default=1.5,
         help="adarank's starting budget / final budget (1.5 = AdaLoRA's init_r/target_r; 1 = "
         "start at the budget and only move ranks between layers)",
+    )
+    ap.add_argument(
+        "--adarank-scorer",
+        default="energy",
+        choices=["energy", "sensitivity", "magnitude"],
+        help="adarank's importance score",
     )
     ap.add_argument("--init-batches", type=int, default=4, help="calibration batches of 16")
     ap.add_argument("--warmup-frac", type=float, default=0.1, help="allocation warm-up fraction")
