@@ -180,9 +180,12 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
         model = peft_model = get_peft_model(model, cfg)
     else:
         raise ValueError(f"method={method!r}: expected one of {METHODS}")
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = [p for n, p in named if "classifier" in n]
+    groups = [{"params": [p for n, p in named if "classifier" not in n]}]
+    groups.append({"params": head, "lr": args.head_lr} if args.head_lr else {"params": head})
     physical_start = _adapter_physical(model, method)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     if controller is not None:
         controller.attach_optimizer(opt)
     warm_lr = max(1, round(0.06 * steps))
@@ -233,6 +236,7 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
         "protocol": {
             k: getattr(args, k)
             for k in (
+                "head_lr",
                 "n_train",
                 "n_val",
                 "max_length",
@@ -381,6 +385,12 @@ def parse_args(argv):
         default="energy",
         choices=["energy", "sensitivity", "magnitude"],
         help="adarank's importance score",
+    )
+    ap.add_argument(
+        "--head-lr",
+        type=float,
+        default=None,
+        help="learning rate of the classifier head (default: the method's lr)",
     )
     ap.add_argument("--init-batches", type=int, default=4, help="calibration batches of 16")
     ap.add_argument("--warmup-frac", type=float, default=0.1, help="allocation warm-up fraction")
