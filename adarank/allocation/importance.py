@@ -3,7 +3,7 @@ r"""Per-triplet importance scores, fed once per optimizer step.
 Three pluggable scorers share one interface (:class:`Scorer`): ``slot_stats(layer)`` returns the
 few per-slot vectors one optimizer step contributes (computed where the layer lives, from its
 complete gradients), the controller copies the vectors of *all* layers to the host in one
-transfer, and ``update(name, layer, z_sq_mean, stats)`` folds them into the EMAs; ``scores(layer)`` for the live
+transfer, and ``update_batch`` / ``update`` fold them into the EMAs; ``scores(layer)`` for the live
 triplets, ``candidate_scores(sigma, energy_in)`` for growth candidates on the same scale, and
 ``remap(keep, n_new, new_state)`` when the layer is resized. State is **per triplet** (a few
 floats each), not per element: it is ≪ the adapter itself.
