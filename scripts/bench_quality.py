@@ -27,6 +27,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -233,31 +234,7 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
         "val_acc": acc,
         "train_loss_last": sum(losses[-20:]) / len(losses[-20:]),
         "losses": [round(v, 4) for v in losses],
-        "protocol": {
-            k: getattr(args, k)
-            for k in (
-                "head_lr",
-                "n_train",
-                "n_val",
-                "max_length",
-                "batch_size",
-                "interval",
-                "warmup_frac",
-                "final_frac",
-            )
-        },
-        "adarank_config": {
-            k: getattr(args, k)
-            for k in (
-                "adarank_scorer",
-                "adarank_scaling",
-                "adarank_factor_init",
-                "adarank_init",
-                "adarank_init_ratio",
-            )
-        }
-        if method.startswith("adarank")
-        else None,
+        **run_config(args, method),
         "physical_params_start": physical_start,
         "physical_params_end": _adapter_physical(model, method),
         "effective_params_end": effective_params(ranks, dims) if method != "lora" else lora_params,
@@ -297,41 +274,76 @@ def evaluate(model: torch.nn.Module, split, batch_size: int = 64) -> float:
 
 
 # ---------------------------------------------------------------------- protocol
+PROTOCOL_KEYS = (
+    "head_lr",
+    "n_train",
+    "n_val",
+    "max_length",
+    "batch_size",
+    "interval",
+    "warmup_frac",
+    "final_frac",
+)
+ADARANK_KEYS = (
+    "adarank_scorer",
+    "adarank_scaling",
+    "adarank_factor_init",
+    "adarank_init",
+    "adarank_init_ratio",
+)
+
+
+def run_config(args, method: str) -> dict:
+    """The settings a record depends on beyond (method, budget, lr, seed); stored in it."""
+    return {
+        "protocol": {k: getattr(args, k) for k in PROTOCOL_KEYS},
+        "adarank_config": (
+            {k: getattr(args, k) for k in ADARANK_KEYS} if method.startswith("adarank") else None
+        ),
+    }
+
+
 def _key(rec: dict) -> tuple:
-    return (rec["method"], rec["budget_r"], float(rec["lr"]), rec["seed"])
+    """Resume key: a record counts as done only for the same settings (json of its config)."""
+    cfg = json.dumps(
+        {"protocol": rec.get("protocol"), "adarank_config": rec.get("adarank_config")},
+        sort_keys=True,
+    )
+    return (rec["method"], rec["budget_r"], float(rec["lr"]), rec["seed"], cfg)
 
 
 def run_minilm(args) -> list[dict]:
     """Tune lr per method (middle budget, seed 0), then every budget × seed at the best lr."""
     data = load_data(args)
     done = {_key(r): r for r in read_jsonl(args.jsonl)} if args.jsonl else {}
-    records = list(done.values())
+    records: list[dict] = []  # this invocation's settings only (the file may hold others)
 
     def go(method, r, lr, seed):
-        key = (method, r, float(lr), seed)
-        if key in done:
-            return done[key]
-        t0 = time.perf_counter()
-        rec = run_one(args, data, method, r, lr, seed)
-        rec["phase"] = "tune" if r == args.tune_budget and seed == 0 else "eval"
-        print(
-            f"[{time.strftime('%H:%M:%S')}] {method:8s} r={r} lr={lr:g} seed={seed} "
-            f"acc={rec['val_acc']:.4f} eff={rec['effective_params_end']} "
-            f"({time.perf_counter() - t0:.0f} s)",
-            flush=True,
-        )
-        done[key] = rec
-        records.append(rec)
-        if args.jsonl:
-            append_jsonl(args.jsonl, rec)
-        return rec
+        spec = {"method": method, "budget_r": r, "lr": lr, "seed": seed}
+        key = _key(spec | run_config(args, method))
+        if key not in done:
+            t0 = time.perf_counter()
+            rec = run_one(args, data, method, r, lr, seed)
+            rec["phase"] = "tune" if r == args.tune_budget and seed == 0 else "eval"
+            print(
+                f"[{time.strftime('%H:%M:%S')}] {method:8s} r={r} lr={lr:g} seed={seed} "
+                f"acc={rec['val_acc']:.4f} eff={rec['effective_params_end']} "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+            done[key] = rec
+            if args.jsonl:
+                append_jsonl(args.jsonl, rec)
+        if not any(x is done[key] for x in records):
+            records.append(done[key])
+        return done[key]
 
     best = {}
     for lr in args.lrs:  # interleave methods so load changes hit all of them alike
         for method in args.methods:
             go(method, args.tune_budget, lr, 0)
     for method in args.methods:
-        tuned = [done[(method, args.tune_budget, float(lr), 0)] for lr in args.lrs]
+        tuned = [go(method, args.tune_budget, lr, 0) for lr in args.lrs]
         best[method] = max(tuned, key=lambda rec: rec["val_acc"])["lr"]
     print(f"best lr per method: {best}", flush=True)
     for seed in range(args.seeds):

@@ -176,3 +176,21 @@ def test_profile_growth_step_smoke(tmp_path):
     assert calls["candidates"] == n_growth * res["layers"]  # every layer proposes at every growth
     assert res["median_ms"]["plain: controller.step"] < res["median_ms"]["growth: controller.step"]
     assert res["growth_extra_ms"] > 0 and res["plain_step_ms"] > 0
+
+
+def test_quality_resume_key_includes_the_settings(tmp_path):
+    """A JSON-lines log resumes only runs with the same settings: changing the re-allocation
+    interval (or any protocol / adarank option) must run again, not reuse the old records."""
+    bench = _load("bench_quality")
+    common = _load("_bench_common")
+    jsonl = tmp_path / "q.jsonl"
+    base = ["--smoke", "--part", "minilm", "--methods", "adarank", "--jsonl", str(jsonl)]
+    assert bench.main(base) == 0
+    first = common.read_jsonl(jsonl)
+    assert len(first) == 2  # smoke: budgets 2 and 4, one lr, one seed
+    assert bench.main(base) == 0
+    assert len(common.read_jsonl(jsonl)) == 2  # same settings: resumed, nothing re-run
+    assert bench.main([*base, "--interval", "3"]) == 0
+    recs = common.read_jsonl(jsonl)
+    assert len(recs) == 4
+    assert sorted(r["protocol"]["interval"] for r in recs) == [3, 3, 5, 5]
