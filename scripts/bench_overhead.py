@@ -26,6 +26,13 @@ Examples:
     python scripts/bench_overhead.py --json runs/bench_overhead/cpu.json
     python scripts/bench_overhead.py --models bert --rounds 5
     python scripts/bench_overhead.py --smoke          # tiny models, in-process, seconds (CI)
+    python scripts/bench_overhead.py --device cuda --precision bf16 --batch 32 --seq 256 \
+        --json runs/bench_overhead/cuda_bf16.json     # GPU section: read the wall columns
+
+On CUDA every step is bracketed by ``torch.cuda.synchronize()``, so the *wall* columns and ratios
+are the GPU figures (the CPU-time columns only measure the host side); ``cuda_peak_bytes`` in the
+JSON is ``torch.cuda.max_memory_allocated()``. ``--precision bf16`` runs the forward under
+``torch.autocast(bfloat16)`` with fp32 weights and adapters for every configuration.
 """
 
 from __future__ import annotations
@@ -99,9 +106,23 @@ def _rss_bytes() -> int:
 
 
 def worker(
-    model_kind: str, config: str, steps: int, batch: int, seq: int, interval: int, smoke: bool
+    model_kind: str,
+    config: str,
+    steps: int,
+    batch: int,
+    seq: int,
+    interval: int,
+    smoke: bool,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> dict:
-    """Run one configuration and return its measurements (called in a fresh process)."""
+    """Run one configuration and return its measurements (called in a fresh process).
+
+    ``device="cuda"`` times each step with ``torch.cuda.synchronize()`` around it (the wall
+    columns are then the figure: thread time only sees the host side) and records the peak CUDA
+    memory; ``precision="bf16"`` runs forward and loss under ``torch.autocast(bfloat16)`` with fp32
+    weights and adapters (the usual mixed-precision fine-tuning set-up), for every method alike.
+    """
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     from adarank.allocation import BudgetSchedule, RankController
@@ -153,6 +174,16 @@ def worker(
         model.register_parameter("floor_gain", gain)
     else:
         raise ValueError(f"config={config!r}: expected one of {CONFIGS}")
+    model.to(device)
+    cuda = device.startswith("cuda")
+    autocast = torch.autocast(
+        device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=precision == "bf16"
+    )
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     params = [p for p in model.parameters() if p.requires_grad]
     n_start = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
@@ -160,17 +191,21 @@ def worker(
         controller.attach_optimizer(opt)
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
-    data = [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(4)]
-    cls = torch.randint(0, 2, (batch,), generator=g)
+    data = [torch.randint(0, vocab, (batch, seq), generator=g).to(device) for _ in range(4)]
+    cls = torch.randint(0, 2, (batch,), generator=g).to(device)
     model.train()
     rss_base = _rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     wall, cpu, kind, capture_peak, state_peak = [], [], [], 0, 0
     for step in range(1, steps + 1):
         ids = data[step % len(data)]
         capturing = bool(layers) and any(la._capture for la in layers.values())
+        sync()
         t0, c0 = time.perf_counter(), time.thread_time()
         labels = ids if model_kind == "gpt2" else cls
-        loss = model(input_ids=ids, labels=labels).loss
+        with autocast:
+            loss = model(input_ids=ids, labels=labels).loss
         if controller is not None:
             loss = loss + controller.regularizer()
         loss.backward()
@@ -183,6 +218,7 @@ def worker(
         if peft_model is not None:
             peft_model.base_model.update_and_allocate(step)
         opt.zero_grad(set_to_none=True)
+        sync()
         wall.append(time.perf_counter() - t0)
         cpu.append(time.thread_time() - c0)
         allocating = event is not None or (
@@ -221,6 +257,9 @@ def worker(
         "capture_bytes_peak": capture_peak,
         "rss_peak_bytes": _rss_bytes(),
         "rss_train_delta_bytes": _rss_bytes() - rss_base,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "precision": precision,
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
     }
 
 
@@ -235,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--interval", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda: wall time is the figure)")
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: forward under torch.autocast(bfloat16), fp32 weights and adapters",
+    )
     ap.add_argument("--json", default=None, help="write raw + summary results here")
     ap.add_argument("--jsonl", default=None, help="append each run here (partial results)")
     ap.add_argument("--report", default=None, help="summarise the runs of a JSONL file and exit")
@@ -244,8 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if args.smoke:
         args.rounds, args.steps, args.batch, args.seq, args.interval = 1, 12, 2, 16, 3
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available on this machine")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        ap.error(f"--device {args.device!r}: expected cpu or cuda[:N]")
+    work = {"device": args.device, "precision": args.precision}
     if args.worker:
-        res = worker(*args.worker, args.steps, args.batch, args.seq, args.interval, args.smoke)
+        res = worker(
+            *args.worker, args.steps, args.batch, args.seq, args.interval, args.smoke, **work
+        )
         print("RESULT " + json.dumps(res))
         return 0
     models = [m for m in args.models.split(",") if m]
@@ -271,7 +324,14 @@ def main(argv: list[str] | None = None) -> int:
             for config in configs[shift:] + configs[:shift]:
                 if args.smoke:  # in-process: seconds, no per-process memory isolation
                     res = worker(
-                        model_kind, config, args.steps, args.batch, args.seq, args.interval, True
+                        model_kind,
+                        config,
+                        args.steps,
+                        args.batch,
+                        args.seq,
+                        args.interval,
+                        True,
+                        **work,
                     )
                 else:
                     res = _spawn(model_kind, config, args)
@@ -309,6 +369,10 @@ def _spawn(model_kind: str, config: str, args) -> dict:
         str(args.seq),
         "--interval",
         str(args.interval),
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

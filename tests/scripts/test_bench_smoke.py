@@ -194,3 +194,22 @@ def test_quality_resume_key_includes_the_settings(tmp_path):
     recs = common.read_jsonl(jsonl)
     assert len(recs) == 4
     assert sorted(r["protocol"]["interval"] for r in recs) == [3, 3, 5, 5]
+
+
+def test_overhead_bf16_autocast_smoke(tmp_path):
+    """--precision bf16 (the GPU section's set-up; autocast works on CPU too) runs every method
+    with the same budget logic and records the precision and device."""
+    bench = _load("bench_overhead")
+    out = tmp_path / "o.json"
+    argv = ["--smoke", "--precision", "bf16", "--models", "bert", "--configs", "adaptive,lora"]
+    assert bench.main([*argv, "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    runs = {r["config"]: r for r in res["runs"]}
+    assert {r["precision"] for r in runs.values()} == {"bf16"}
+    assert {r["device"] for r in runs.values()} == {"cpu"}
+    for r in runs.values():
+        assert all(math.isfinite(t) and t > 0 for t in r["wall_s"])
+    assert runs["adaptive"]["params_end"] <= runs["adaptive"]["lora_r8_params"]
+    assert runs["adaptive"]["params_end"] < runs["adaptive"]["params_start"]  # it re-allocated
+    with pytest.raises(SystemExit):  # a clear argparse error, not a crash deep in torch
+        bench.main(["--smoke", "--device", "tpu"])
