@@ -176,22 +176,43 @@ def effective_params(ranks: Mapping[str, int], dims: Mapping[str, tuple[int, int
 
 
 # ---------------------------------------------------------------------- tables
+def _variant_labels(records: list[dict]) -> list[str]:
+    """Per record, the settings (protocol / adarank options) that are not the same in every
+    record of its method, e.g. ``interval=10`` — so different set-ups never share a row."""
+    flat = []
+    for r in records:
+        cfg = dict(r.get("protocol") or {})
+        cfg.update(
+            {k.removeprefix("adarank_"): v for k, v in (r.get("adarank_config") or {}).items()}
+        )
+        flat.append(cfg)
+    labels = []
+    for r, cfg in zip(records, flat):
+        peers = [c for c, o in zip(flat, records) if o["method"] == r["method"]]
+        keys = sorted({k for c in peers for k in c})
+        varying = [k for k in keys if len({json.dumps(c.get(k)) for c in peers}) > 1]
+        labels.append(", ".join(f"{k}={cfg.get(k, '?')}" for k in varying) or "–")
+    return labels
+
+
 def quality_table(records: list[dict]) -> str:
     """Markdown table: method × budget, mean ± sd validation accuracy at each method's eval lr."""
     evals = [r for r in records if r.get("phase", "eval") in ("eval", "tune")]
+    variant = _variant_labels(evals)
     groups: dict[tuple, list[dict]] = {}
-    for r in evals:
-        groups.setdefault((r["budget_r"], r["method"], r["lr"]), []).append(r)
+    for r, v in zip(evals, variant):
+        groups.setdefault((r["budget_r"], r["method"], v, r["lr"]), []).append(r)
     lines = [
-        "| budget (LoRA r) | method | lr | seeds | val acc (mean ± sd) | adapter params "
-        "physical start → end | effective end | allocator state | median step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| budget (LoRA r) | method | settings that differ | lr | seeds | val acc (mean ± sd) | "
+        "adapter params physical start → end | effective end | allocator state | median step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (b, m, lr), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+    for (b, m, v, lr), rs in sorted(groups.items(), key=lambda kv: kv[0]):
         mu, sd = mean_std(x["val_acc"] for x in rs)
         st = int(median(x["allocator_state_bytes"] or 0 for x in rs))
         lines.append(
-            f"| {b} ({rs[0]['param_budget']:,}) | {m} | {lr:g} | {len(rs)} | {mu:.4f} ± {sd:.4f} "
+            f"| {b} ({rs[0]['param_budget']:,}) | {m} | {v} | {lr:g} | {len(rs)} "
+            f"| {mu:.4f} ± {sd:.4f} "
             f"| {rs[0]['physical_params_start']:,} → {rs[0]['physical_params_end']:,} "
             f"| {int(median(x['effective_params_end'] for x in rs)):,} | {st / 1024:.0f} KiB "
             f"| {median(x['step_s_median'] for x in rs):.3f} s |"
