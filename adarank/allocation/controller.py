@@ -32,6 +32,7 @@ from adarank.allocation.growth import candidates_from_sketch, sketch_test_matric
 from adarank.allocation.importance import Scorer, make_scorer
 from adarank.allocation.optim_sync import replace_parameter
 from adarank.allocation.regularizer import orthogonality_penalty
+from adarank.allocation.step_stats import gather_step_stats
 
 __all__ = ["RankController", "AllocationEvent"]
 
@@ -225,58 +226,15 @@ class RankController:
     def observe(self) -> None:
         """Consume the statistics of one optimizer step (call after backward/accumulation).
 
-        The per-slot vectors of every layer (``Σ (Qx)²`` and the scorer's
-        :meth:`~adarank.allocation.importance.Scorer.slot_stats`) are packed into one buffer:
-        one all-reduce under DDP, one device→host copy and a vectorised scorer update per step,
-        not a few small operations and a host sync per layer.
+        The per-slot vectors of every layer are packed into one buffer
+        (:func:`~adarank.allocation.step_stats.gather_step_stats`: one all-reduce under DDP, one
+        device→host copy) and the scorer updates every slot in a few vectorised operations.
         """
         self._observed_since_step = True
         dist = _dist()
-        keys = self.scorer.stat_keys
-        items, z_parts, counts, valid = [], [], [], []
-        s_parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-        home = next(iter(self.layers.values())).lora_lambda.device
-        for name, layer in self.layers.items():
-            z_sum, count = layer.pop_stats()
-            stats = self.scorer.slot_stats(layer) if layer.rank else {}
-            if stats is None:
-                self._warn_once(
-                    f"nograd:{name}", f"no gradient for adapter {name!r}: importance update skipped"
-                )
-            items.append((name, layer))
-            valid.append(stats is not None)
-            z_parts.append(z_sum.to(home))
-            counts.append(float(count))
-            for k in keys:
-                v = stats.get(k) if stats else None
-                s_parts[k].append(z_sum.new_zeros(layer.rank) if v is None else v.to(home))
-        # float32 sums are exact enough; the all-reduce and the scorer maths run in float64
-        zbuf = torch.cat([*z_parts, torch.tensor(counts, device=home)]).double()
-        if dist is not None:  # Σ (Qx)² and token counts over processes (gradients are synced)
-            dist.all_reduce(zbuf)
-        rest = [t for k in keys for t in s_parts[k]]
-        host = torch.cat([zbuf, torch.cat(rest).double()] if rest else [zbuf]).cpu()  # one copy
-        n = zbuf.numel() - len(items)
-        z_all, counts = host[:n], host[n : n + len(items)].tolist()
-        stats = {
-            k: host[n + len(items) + i * n : n + len(items) + (i + 1) * n]
-            for i, k in enumerate(keys)
-        }
-        if not bool(torch.isfinite(host).all()):
-            off = 0
-            for i, (name, layer) in enumerate(items):
-                sl = slice(off, off + layer.rank)
-                off += layer.rank
-                parts = [z_all[sl], *(v[sl] for v in stats.values())]
-                if not all(bool(torch.isfinite(v).all()) for v in parts):
-                    valid[i] = False
-                    self._warn_once(
-                        f"nonfinite:{name}",
-                        f"non-finite gradients or statistics in {name!r}: importance update "
-                        "skipped",
-                    )
-        self.scorer.update_batch(items, z_all, counts, stats, valid)
-        for (name, layer), ok in zip(items, valid):
+        st = gather_step_stats(self.layers, self.scorer, dist, self._warn_once)
+        self.scorer.update_batch(st.layers, st.z_sum, st.counts, st.stats, st.valid)
+        for (name, layer), ok in zip(st.layers, st.valid):
             if ok:
                 self._consume_sketch(name, layer, dist)
 
