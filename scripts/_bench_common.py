@@ -186,13 +186,15 @@ def _variant_labels(records: list[dict]) -> list[str]:
             {k.removeprefix("adarank_"): v for k, v in (r.get("adarank_config") or {}).items()}
         )
         flat.append(cfg)
-    labels = []
-    for r, cfg in zip(records, flat):
-        peers = [c for c, o in zip(flat, records) if o["method"] == r["method"]]
+    varying = {}  # method -> the keys whose values differ between its records
+    for method in {r["method"] for r in records}:
+        peers = [c for c, r in zip(flat, records) if r["method"] == method]
         keys = sorted({k for c in peers for k in c})
-        varying = [k for k in keys if len({json.dumps(c.get(k)) for c in peers}) > 1]
-        labels.append(", ".join(f"{k}={cfg.get(k, '?')}" for k in varying) or "–")
-    return labels
+        varying[method] = [k for k in keys if len({json.dumps(c.get(k)) for c in peers}) > 1]
+    return [
+        ", ".join(f"{k}={cfg.get(k, '?')}" for k in varying[r["method"]]) or "–"
+        for r, cfg in zip(records, flat)
+    ]
 
 
 def quality_table(records: list[dict]) -> str:

@@ -316,7 +316,7 @@ def run_minilm(args) -> list[dict]:
     """Tune lr per method (middle budget, seed 0), then every budget × seed at the best lr."""
     data = load_data(args)
     done = {_key(r): r for r in read_jsonl(args.jsonl)} if args.jsonl else {}
-    records: list[dict] = []  # this invocation's settings only (the file may hold others)
+    records: dict[tuple, dict] = {}  # this invocation's runs only (the file may hold others)
 
     def go(method, r, lr, seed):
         spec = {"method": method, "budget_r": r, "lr": lr, "seed": seed}
@@ -334,8 +334,7 @@ def run_minilm(args) -> list[dict]:
             done[key] = rec
             if args.jsonl:
                 append_jsonl(args.jsonl, rec)
-        if not any(x is done[key] for x in records):
-            records.append(done[key])
+        records.setdefault(key, done[key])
         return done[key]
 
     best = {}
@@ -350,7 +349,7 @@ def run_minilm(args) -> list[dict]:
         for r in args.budgets:
             for method in args.methods:
                 go(method, r, best[method], seed)
-    return records
+    return list(records.values())
 
 
 def parse_args(argv):
