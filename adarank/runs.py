@@ -136,6 +136,8 @@ def _final_summary(p: Prepared, trainer, wall: float) -> dict[str, Any]:
     counts = count_parameters(p.model)
     ranks = {n: layer.rank for n, layer in adapter_layers(p.model).items()}
     metrics = dict(tracker.metrics)
+    for callback in trainer.callbacks:  # e.g. GenerationEvaluator: base/val/* before training
+        metrics.update(getattr(callback, "summary_metrics", None) or {})
     planted = getattr(p.data, "planted", None)
     if planted is not None:
         metrics["planted/rank_recovery_error"] = float(planted.rank_recovery_error(ranks))

@@ -122,6 +122,10 @@ CALLBACK_KEYS: dict[str, Any] = {
     "snapshot_every_n_steps": int,  # adapter snapshots under <run.dir>/snapshots (0: end only)
     "checkpoint_every_n_steps": int | None,  # also refresh checkpoints/last.ckpt every n steps
     "heatmap_every_n_events": int,  # re-render rank_heatmap.png every n allocation events
+    # greedy-decoded evaluation for instruction data (GenerationEvaluator arguments, e.g.
+    # {num_examples: 100, max_new_tokens: 16}); on whenever the datamodule offers
+    # generation_examples(), {num_examples: 0} turns it off
+    "generation": dict | None,
 }
 
 TRAINER_RESERVED = {

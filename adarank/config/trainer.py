@@ -93,7 +93,25 @@ def build_callbacks(cfg: DictConfig | Mapping, run_dir: Path) -> list[Callback]:
             run_dir / "snapshots", every_n_steps=int(cb.get("snapshot_every_n_steps", 0))
         ),
         ValidationTracker(),
+        *_generation_callbacks(_plain(cfg), run_dir),
     ]
+
+
+def _generation_callbacks(plain: dict, run_dir: Path) -> list[Callback]:
+    """A ``GenerationEvaluator`` when the datamodule can be decoded (``generation_examples``)."""
+    from adarank.config.instantiate import COMPONENT_KEY, get_component
+
+    data = plain.get("data") or {}
+    try:
+        data_cls = get_component(data[COMPONENT_KEY], "data._component_")
+    except (KeyError, TypeError, ValueError):
+        return []
+    if not hasattr(data_cls, "generation_examples"):
+        return []
+    from adarank.lightning.generation import GenerationEvaluator
+
+    options = (plain.get("callbacks") or {}).get("generation") or {}
+    return [GenerationEvaluator(run_dir, **options)]
 
 
 def build_trainer(cfg: DictConfig | Mapping, run_dir: Path, **overrides: Any) -> pl.Trainer:

@@ -224,6 +224,17 @@ def _model_problems(model: Mapping) -> list[str]:
     return []
 
 
+def _generation_problems(callbacks: Any) -> list[str]:
+    """``callbacks.generation`` keys checked against ``GenerationEvaluator``'s signature."""
+    gen = callbacks.get("generation") if isinstance(callbacks, Mapping) else None
+    if not isinstance(gen, Mapping):
+        return []
+    if "run_dir" in gen:
+        return [f"callbacks.generation.run_dir={gen['run_dir']!r}: set by the run (use run.dir)"]
+    node = {COMPONENT_KEY: "adarank.lightning.generation.GenerationEvaluator", **gen}
+    return check_arguments(node, "callbacks.generation")
+
+
 def validate_config(cfg: DictConfig | Mapping) -> None:
     """Raise :class:`ConfigError` listing every problem of ``cfg`` (nothing is built).
 
@@ -305,6 +316,7 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
             f"logger.wandb_mode={log.get('wandb_mode')!r}: expected one of {list(_WANDB_MODES)} or null"
         )
     problems += _check_keys("callbacks", plain.get("callbacks"), CALLBACK_KEYS)
+    problems += _generation_problems(plain.get("callbacks"))
     if not problems:
         problems += _schedule_problems(plain, final_budget)
     if problems:
