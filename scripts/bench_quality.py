@@ -133,7 +133,7 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
         layers = add_adapters(
             model,
             ["re:" + BERT_TARGET_REGEX],
-            math.ceil(args.adarank_init_ratio * r) if method == "adarank" else r,
+            _adarank_start_rank(args, r) if method == "adarank" else r,
             modules_to_save=["classifier"],
             seed=seed,
             scaling=args.adarank_scaling,
@@ -155,7 +155,7 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
             schedule = BudgetSchedule(
                 final_budget=lora_params,
                 total_steps=steps,
-                init_budget=max(start_live, int(args.adarank_init_ratio * lora_params)),
+                init_budget=_adarank_init_budget(args, start_live, lora_params),
                 warmup_steps=warm,
                 final_steps=final,
                 interval=args.interval,
@@ -290,7 +290,21 @@ ADARANK_KEYS = (
     "adarank_factor_init",
     "adarank_init",
     "adarank_init_ratio",
+    "adarank_init_rank",
 )
+
+
+def _adarank_start_rank(args, r: int) -> int:
+    """adarank's starting rank: ⌈ratio·r⌉, or the fixed --adarank-init-rank (what recipes ship)."""
+    return args.adarank_init_rank or math.ceil(args.adarank_init_ratio * r)
+
+
+def _adarank_init_budget(args, start_live: int, lora_params: int) -> int:
+    """Warm-up budget: ratio × final; with a fixed start rank it is the recipes' rule
+    (``AdaRankModule``: max(final, ratio × final), the first allocation prunes the excess)."""
+    if args.adarank_init_rank:
+        return max(lora_params, round(args.adarank_init_ratio * lora_params))
+    return max(start_live, int(args.adarank_init_ratio * lora_params))
 
 
 def run_config(args, method: str) -> dict:
@@ -390,6 +404,13 @@ def parse_args(argv):
         default=1.5,
         help="adarank's starting budget / final budget (1.5 = AdaLoRA's init_r/target_r; 1 = "
         "start at the budget and only move ranks between layers)",
+    )
+    ap.add_argument(
+        "--adarank-init-rank",
+        type=int,
+        default=None,
+        help="start every adapted layer at this rank (the recipes ship 8) instead of ⌈ratio·r⌉; "
+        "the warm-up budget is then ratio × the final budget, as in AdaRankModule",
     )
     ap.add_argument(
         "--adarank-scorer",
