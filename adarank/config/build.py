@@ -97,6 +97,7 @@ def add_config_adapters(cfg: DictConfig | Mapping, model: nn.Module, data=None) 
         max_rank=ad.get("max_rank"),
         dropout=float(ad.get("dropout", 0.0)),
         modules_to_save=ad.get("modules_to_save"),
+        adapter_dtype=ad.get("dtype") or "float32",
         seed=int(plain.get("seed", 0)),
         factor_init=ad.get("factor_init", "svd"),
     )

@@ -22,7 +22,9 @@ callbacks      :data:`CALLBACK_KEYS`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+from adarank.modules.inject import ADAPTER_DTYPES
 
 __all__ = [
     "ADAPTER_KEYS",
@@ -73,6 +75,8 @@ ADAPTER_KEYS: dict[str, Any] = {
     "factor_init": str,
     # adapter input dropout
     "dropout": float,
+    # dtype of the adapter tensors (float32 also for a bf16 base; outputs are in the base dtype)
+    "dtype": Literal[tuple(ADAPTER_DTYPES)] | None,
     # modules trained in full and saved with the adapter (e.g. the classifier head)
     "modules_to_save": str | list[str] | None,
     # final parameter budget: int, "150k", or "0.5%" of the base model (None: no allocation)

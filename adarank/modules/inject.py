@@ -10,6 +10,11 @@ Patterns (PEFT-like ``target_modules``, with globs and regexes):
 A glob or regex selects the linear layers among the modules it matches (``"*.mlp.*"`` adapts
 GPT-2's ``c_fc`` and ``c_proj`` and skips ``act`` and ``dropout``); it is an error when it matches
 only non-linear modules. A plain name that matches a non-linear module is an error.
+
+``target_modules="all-linear"`` (:data:`ALL_LINEAR`, like PEFT's preset) adapts every
+``nn.Linear`` / ``Conv1D`` except the output head — the module returned by
+``model.get_output_embeddings()`` (when the model has that method) and any module named
+``lm_head`` — and except the modules inside ``modules_to_save`` (e.g. a classification head).
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ from torch import nn
 from adarank.modules.svd_lora import SVDLoRALinear, is_conv1d, linear_shape
 
 __all__ = [
+    "ADAPTER_DTYPES",
+    "ALL_LINEAR",
     "add_adapters",
+    "all_linear_names",
     "adapter_layers",
     "match_name",
     "merge_adapters",
@@ -34,6 +42,12 @@ __all__ = [
     "saved_modules",
     "resize_to",
 ]
+
+
+#: the ``target_modules`` value that selects every linear layer except the output head
+ALL_LINEAR = "all-linear"
+#: ``adapter.dtype`` names → dtypes of the adapter tensors (float32 also for bf16/fp16 bases)
+ADAPTER_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def match_name(name: str, pattern: str) -> bool:
@@ -70,55 +84,64 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head: ``get_output_embeddings()`` and modules called ``lm_head``."""
+    heads = {n for n, _ in model.named_modules() if n == "lm_head" or n.endswith(".lm_head")}
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = None
+    if callable(get_head):
+        try:
+            head = get_head()
+        except (NotImplementedError, AttributeError):
+            head = None
+    if isinstance(head, nn.Module):
+        heads |= {n for n, m in model.named_modules() if m is head}
+    return heads
+
+
+def all_linear_names(
+    model: nn.Module, modules_to_save: str | Sequence[str] | None = None
+) -> list[str]:
+    """The layers ``target_modules="all-linear"`` adapts, in module order.
+
+    Every ``nn.Linear`` / transformers ``Conv1D`` except the output head (see
+    :func:`_output_head_names`) and anything inside a module matching ``modules_to_save``.
+    """
+    save = _as_patterns(modules_to_save, "modules_to_save")
+    skip = _output_head_names(model)
+    skip |= {n for n, _ in model.named_modules() if n and any(match_name(n, p) for p in save)}
+    return [
+        name
+        for name, module in model.named_modules()
+        if name
+        and _is_linear(module)
+        and not any(name == s or name.startswith(s + ".") for s in skip)
+    ]
+
+
+def _adapter_dtype(adapter_dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(adapter_dtype, str):
+        if adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(
+                f"adapter dtype {adapter_dtype!r}: expected one of {list(ADAPTER_DTYPES)}"
+            )
+        return ADAPTER_DTYPES[adapter_dtype]
+    if adapter_dtype not in ADAPTER_DTYPES.values():
+        raise ValueError(
+            f"adapter dtype {adapter_dtype}: expected one of {list(ADAPTER_DTYPES.values())}"
+        )
+    return adapter_dtype
+
+
 def adapter_layers(model: nn.Module) -> dict[str, SVDLoRALinear]:
     """All adapter layers of ``model`` by qualified name, in module order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, SVDLoRALinear)}
 
 
-def add_adapters(
-    model: nn.Module,
-    target_modules: str | Sequence[str],
-    init_rank: int | dict[str, int] = 8,
-    *,
-    scaling: float = 1.0,
-    max_rank: int | None = None,
-    dropout: float = 0.0,
-    modules_to_save: str | Sequence[str] | None = None,
-    adapter_dtype: torch.dtype = torch.float32,
-    seed: int | None = None,
-    factor_init: str = "svd",
-) -> dict[str, SVDLoRALinear]:
-    """Wrap every linear module matching ``target_modules`` with an :class:`SVDLoRALinear`.
-
-    All other parameters are frozen except those of modules matching ``modules_to_save``
-    (e.g. a classification head), which stay trainable.
-
-    Args:
-        model: any ``nn.Module`` (transformers models included); modified in place.
-        target_modules: patterns (see module docstring) selecting layers to adapt.
-        init_rank: initial live rank, one int for all or ``{qualified name: rank}``.
-        scaling: constant factor on ΔW (see :class:`SVDLoRALinear`).
-        max_rank: per-layer capacity; default ``min(d_in, d_out)``.
-        dropout: adapter input dropout.
-        modules_to_save: patterns of modules to keep trainable and save with the adapter.
-        adapter_dtype: dtype of the adapter tensors.
-        seed: seed for the orthonormal init (deterministic if given).
-        factor_init: ``"svd"`` (λ = 0, orthonormal P, Q) or ``"lora"`` (P = 0, λ = 1); see
-            :class:`SVDLoRALinear`.
-
-    Returns:
-        ``{qualified_name: layer}`` of the new adapter layers.
-
-    Raises:
-        ValueError: nothing matched (the candidate linear layer names are listed), or a bad rank.
-        TypeError: a matched module is not linear.
-    """
-    patterns = _as_patterns(target_modules, "target_modules")
+def _match_targets(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the linear modules matching ``patterns`` (errors as in :func:`add_adapters`)."""
     if not patterns:
         raise ValueError("target_modules is empty: give at least one name, glob or 're:' regex")
-    save_patterns = _as_patterns(modules_to_save, "modules_to_save")
-    if adapter_layers(model):
-        raise ValueError("model already has adapters; remove them or load into a fresh model")
     matched: list[str] = []
     linear_names: list[str] = []
     non_linear: dict[str, list[str]] = {p: [] for p in patterns}  # wildcard hits to report
@@ -153,6 +176,66 @@ def add_adapters(
         raise ValueError(
             f"target_modules {patterns} matched no module; candidate linear layers: [{shown}]"
         )
+    return matched
+
+
+def add_adapters(
+    model: nn.Module,
+    target_modules: str | Sequence[str],
+    init_rank: int | dict[str, int] = 8,
+    *,
+    scaling: float = 1.0,
+    max_rank: int | None = None,
+    dropout: float = 0.0,
+    modules_to_save: str | Sequence[str] | None = None,
+    adapter_dtype: torch.dtype | str = torch.float32,
+    seed: int | None = None,
+    factor_init: str = "svd",
+) -> dict[str, SVDLoRALinear]:
+    """Wrap every linear module matching ``target_modules`` with an :class:`SVDLoRALinear`.
+
+    All other parameters are frozen except those of modules matching ``modules_to_save``
+    (e.g. a classification head), which stay trainable.
+
+    Args:
+        model: any ``nn.Module`` (transformers models included); modified in place.
+        target_modules: patterns (see module docstring) selecting layers to adapt, or
+            ``"all-linear"`` (every linear layer but the output head and ``modules_to_save``).
+        init_rank: initial live rank, one int for all or ``{qualified name: rank}``.
+        scaling: constant factor on ΔW (see :class:`SVDLoRALinear`).
+        max_rank: per-layer capacity; default ``min(d_in, d_out)``.
+        dropout: adapter input dropout.
+        modules_to_save: patterns of modules to keep trainable and save with the adapter.
+        adapter_dtype: dtype of the adapter tensors, a ``torch.dtype`` or a name of
+            :data:`ADAPTER_DTYPES` (``"float32"``, ``"bfloat16"``); independent of the base dtype
+            (a bf16 base keeps float32 adapters by default; outputs are in the base dtype).
+        seed: seed for the orthonormal init (deterministic if given).
+        factor_init: ``"svd"`` (λ = 0, orthonormal P, Q) or ``"lora"`` (P = 0, λ = 1); see
+            :class:`SVDLoRALinear`.
+
+    Returns:
+        ``{qualified_name: layer}`` of the new adapter layers.
+
+    Raises:
+        ValueError: nothing matched (the candidate linear layer names are listed), or a bad rank.
+        TypeError: a matched module is not linear.
+    """
+    adapter_dtype = _adapter_dtype(adapter_dtype)
+    save_patterns = _as_patterns(modules_to_save, "modules_to_save")
+    if adapter_layers(model):
+        raise ValueError("model already has adapters; remove them or load into a fresh model")
+    patterns = _as_patterns(target_modules, "target_modules")
+    if ALL_LINEAR in patterns:
+        if len(patterns) > 1:
+            raise ValueError(
+                f"target_modules={patterns}: {ALL_LINEAR!r} selects every linear layer but the "
+                "output head and cannot be combined with other patterns"
+            )
+        matched = all_linear_names(model, save_patterns)
+        if not matched:
+            raise ValueError(f"target_modules={ALL_LINEAR!r}: the model has no linear layer")
+    else:
+        matched = _match_targets(model, patterns)
     if isinstance(init_rank, dict):
         unknown = sorted(set(init_rank) - set(matched))
         if unknown:
