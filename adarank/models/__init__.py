@@ -1,4 +1,4 @@
-"""Model builders: Hugging Face models (incl. offline built-ins) and the planted-rank task.
+"""Model builders: Hugging Face models (incl. offline built-ins and LLMs) and the planted task.
 
 Builders are plain functions with flat, typed arguments so configs can name them with
 ``_component_`` (see :mod:`adarank.config`).
@@ -8,19 +8,26 @@ from adarank.models.hf import (
     BUILTIN_MODELS,
     TASKS,
     TINY_MODELS,
+    TOKENIZER_OPTIONS,
     build_hf_model,
     build_tokenizer,
     resolve_name_or_path,
+    tokenizer_kwargs,
 )
+from adarank.models.llm import DTYPES, enable_gradient_checkpointing
 
 __all__ = [
     "BUILTIN_MODELS",
+    "DTYPES",
     "TASKS",
     "TINY_MODELS",
+    "TOKENIZER_OPTIONS",
     "build_hf_model",
     "build_planted_model",
     "build_tokenizer",
+    "enable_gradient_checkpointing",
     "resolve_name_or_path",
+    "tokenizer_kwargs",
 ]
 
 
