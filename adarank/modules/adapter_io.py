@@ -6,17 +6,20 @@ Layout of ``adapter.safetensors`` (float32 unless the adapter dtype differs):
     ``<module>.<param>`` for every parameter of a ``modules_to_save`` module.
 
 ``adapter_config.json`` holds the format version, targets, per-layer rank, shape, scaling and
-capacity, the saved modules, and a base-model fingerprint (per-layer weight shapes). Writes go to
-a temporary file in the same directory, then ``os.replace`` (no half-written adapter).
+capacity, the saved modules, and a fingerprint of the original base weights of the adapted layers
+(:mod:`adarank.modules.base_fingerprint`), which :func:`load_adapter` compares with the model.
+Writes go to a temporary file in the same directory, then ``os.replace`` (no half-written
+adapter). Loading checks everything first (:mod:`adarank.modules.adapter_checks`): a bad file is
+a ``ValueError`` naming the file and the key or tensor, and leaves the model untouched.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +28,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from adarank.modules.adapter_checks import (
+    check_config,
+    check_layer_tensors,
+    check_saved_modules,
+    check_tensor_set,
+    expected_tensor_keys,
+    has_module,
+)
+from adarank.modules.base_fingerprint import METHOD, base_fingerprint, check_base_fingerprint
 from adarank.modules.inject import (
     adapter_layers,
     add_adapters,
@@ -38,11 +50,6 @@ __all__ = ["save_adapter", "load_adapter", "read_adapter_config", "FORMAT_VERSIO
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
-
-
-def _fingerprint(model: nn.Module, layer_names: list[str]) -> str:
-    shapes = [f"{n}:{tuple(model.get_submodule(n).base_layer.weight.shape)}" for n in layer_names]
-    return hashlib.sha256("\n".join(shapes).encode()).hexdigest()[:16]
 
 
 def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
@@ -111,7 +118,7 @@ def save_adapter(
         "modules_to_save": saved,
         "modules_to_save_patterns": list(getattr(model, "_adarank_modules_to_save", [])),
         "adapter_params": sum(c["rank"] * (c["d_in"] + c["d_out"] + 1) for c in layer_cfg.values()),
-        "base_fingerprint": _fingerprint(model, list(layers)),
+        "base_fingerprint": base_fingerprint(model, list(layers)),
         "base_model_class": type(model).__name__,
         "metadata": metadata or {},
     }
@@ -131,8 +138,10 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"no {CONFIG_NAME} in {str(directory)!r} (not an adarank adapter?)")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); the file may be truncated") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object")
     if config.get("format") != "adarank-adapter":
         raise ValueError(
             f"{path} is not an adarank adapter config (format={config.get('format')!r})"
@@ -143,10 +152,17 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
             f"{path}: unknown adapter format_version {version!r}; this adarank reads "
             f"version {FORMAT_VERSION}"
         )
+    check_config(config, path)
     return config
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, *, strict: bool = True) -> dict:
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    strict: bool = True,
+    check_base: bool = True,
+) -> dict:
     """Load an adapter saved by :func:`save_adapter` into ``model``.
 
     If ``model`` has no adapters yet they are added at the saved layers (with the saved ranks,
@@ -158,17 +174,23 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, strict: bool
         model: the base model (original weights), with or without adapters.
         directory: a directory written by :func:`save_adapter`.
         strict: require the model's adapter layers to be exactly the file's.
+        check_base: compare the base weights of the adapted layers with the fingerprint in the
+            file (a data-aware init's shift and the weight's dtype are allowed for). Files
+            without a fingerprint load with a warning.
 
     Returns:
         the adapter config.
 
     Raises:
         FileNotFoundError: the directory or one of its two files is missing.
-        ValueError: truncated or foreign files, unknown version, a layer missing from the model
-            or a shape mismatch (layer and both shapes named).
+        ValueError: truncated, foreign or malformed files (file and key or tensor named),
+            unknown version, non-finite or non-float tensors, tensors the config does not
+            describe, a layer missing from the model, a shape mismatch (layer and both shapes
+            named), or base weights that differ from the ones the adapter was trained on.
         RuntimeError: an adapter layer of the model is merged.
     """
     config = read_adapter_config(directory)
+    config_path = Path(directory) / CONFIG_NAME
     weights_path = Path(directory) / WEIGHTS_NAME
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing")
@@ -176,32 +198,71 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, strict: bool
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"cannot read {weights_path} (truncated or corrupt?): {err}") from err
-    cfg_layers: dict = config["layers"]
+    shapes = _model_shapes(model, config["layers"], strict)
+    _check_file(model, config, shapes, tensors, weights_path)
+    if check_base:
+        _check_base(config, model, list(shapes), config_path)
+    _apply(model, config, shapes, tensors)
+    return config
+
+
+def _model_shapes(model: nn.Module, cfg_layers: dict, strict: bool) -> dict:
+    """``{layer: (d_out, d_in)}`` of the file's layers that will be loaded into ``model``."""
     layers = adapter_layers(model)
-    fresh = not layers
-    if fresh:
-        missing = [n for n in cfg_layers if not _has_module(model, n)]
+    if not layers:
+        missing = [n for n in cfg_layers if not has_module(model, n)]
         if missing:
             raise ValueError(
                 f"the model has no module(s) {missing[:5]} named in the adapter config"
             )
-        shapes = {n: linear_shape(model.get_submodule(n)) for n in cfg_layers}
-    else:
-        if strict and set(layers) != set(cfg_layers):
-            only_model = sorted(set(layers) - set(cfg_layers))[:5]
-            only_file = sorted(set(cfg_layers) - set(layers))[:5]
-            raise ValueError(
-                f"adapter layers differ: in the model only {only_model}, in the file only "
-                f"{only_file}"
-            )
-        shapes = {n: (layers[n].d_out, layers[n].d_in) for n in cfg_layers if n in layers}
-        merged = [n for n in shapes if layers[n].merged]
-        if merged:
-            raise RuntimeError(f"layer(s) {merged[:5]} are merged; unmerge before loading")
-    for name, (d_out, d_in) in shapes.items():
-        _check_layer_tensors(name, cfg_layers[name], (d_out, d_in), tensors, weights_path)
-    _check_saved_modules(model, config.get("modules_to_save", []), tensors, weights_path)
+        return {n: linear_shape(model.get_submodule(n)) for n in cfg_layers}
+    if strict and set(layers) != set(cfg_layers):
+        only_model = sorted(set(layers) - set(cfg_layers))[:5]
+        only_file = sorted(set(cfg_layers) - set(layers))[:5]
+        raise ValueError(
+            f"adapter layers differ: in the model only {only_model}, in the file only {only_file}"
+        )
+    shapes = {n: (layers[n].d_out, layers[n].d_in) for n in cfg_layers if n in layers}
+    merged = [n for n in shapes if layers[n].merged]
+    if merged:
+        raise RuntimeError(f"layer(s) {merged[:5]} are merged; unmerge before loading")
+    return shapes
 
+
+def _check_file(model: nn.Module, config: dict, shapes: dict, tensors: dict, path: Path) -> None:
+    cfg_layers = config["layers"]
+    for name, c in cfg_layers.items():
+        shape = shapes.get(name, (c["d_out"], c["d_in"]))  # not loaded (strict=False): as saved
+        check_layer_tensors(name, c, shape, tensors, path)
+    check_saved_modules(model, config.get("modules_to_save", []), tensors, path)
+    check_tensor_set(tensors, expected_tensor_keys(config, model), path)
+
+
+def _check_base(config: dict, model: nn.Module, names: list[str], path: Path) -> None:
+    record = config.get("base_fingerprint")
+    if not isinstance(record, dict):
+        warnings.warn(
+            f"{path} has no base-weight fingerprint (written by an older adarank), so the base "
+            "model cannot be verified; re-save the adapter to record one",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    if record.get("method") != METHOD:
+        warnings.warn(
+            f"{path}: unknown base fingerprint method {record.get('method')!r} (a newer "
+            f"adarank?); this one reads {METHOD!r}, so the base model is not verified",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    check_base_fingerprint(record, model, names, path)
+
+
+def _apply(model: nn.Module, config: dict, shapes: dict, tensors: dict) -> None:
+    """Modify ``model`` (everything was checked before)."""
+    cfg_layers = config["layers"]
+    fresh = not adapter_layers(model)
     if fresh:
         add_adapters(
             model,
@@ -210,10 +271,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, strict: bool
             modules_to_save=config.get("modules_to_save_patterns") or None,
             adapter_dtype=tensors[f"{next(iter(cfg_layers))}.lora_lambda"].dtype,
         )
-        layers = adapter_layers(model)
     elif config.get("modules_to_save_patterns"):
         model._adarank_modules_to_save = config["modules_to_save_patterns"]
         mark_trainable(model, config["modules_to_save_patterns"])
+    layers = adapter_layers(model)
     for name in shapes:
         layer, c = layers[name], cfg_layers[name]
         saved_cap = min(int(c.get("max_rank", c["rank"])), min(layer.d_in, layer.d_out))
@@ -229,49 +290,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, strict: bool
         for pname, p in model.get_submodule(mod_name).named_parameters():
             with torch.no_grad():
                 p.copy_(tensors[f"{mod_name}.{pname}"])
-    return config
-
-
-def _check_layer_tensors(
-    name: str, c: dict, shape: tuple[int, int], tensors: dict, path: Path
-) -> None:
-    """Check one layer's config entry and tensors against the model's (d_out, d_in)."""
-    if shape != (c["d_out"], c["d_in"]):
-        raise ValueError(
-            f"shape mismatch for layer {name!r}: the model has (d_out, d_in)={shape}, "
-            f"the adapter file has {(c['d_out'], c['d_in'])}"
-        )
-    d_out, d_in = shape
-    r, k = int(c["rank"]), int(c.get("shift_rank", 0))
-    if r > min(d_out, d_in):
-        raise ValueError(f"layer {name!r}: saved rank {r} exceeds min(d_in, d_out)")
-    expected = {"lora_P": (d_out, r), "lora_lambda": (r,), "lora_Q": (r, d_in)}
-    if k:
-        expected.update(shift_P=(d_out, k), shift_Q=(k, d_in))
-    for key, want in expected.items():
-        t = tensors.get(f"{name}.{key}")
-        if t is None:
-            raise ValueError(f"{path} lacks tensor {name}.{key} (truncated?)")
-        if tuple(t.shape) != want:
-            raise ValueError(
-                f"tensor {name}.{key} in {path} has shape {tuple(t.shape)}, expected {want} "
-                f"from the adapter config (rank {r})"
-            )
-
-
-def _check_saved_modules(model: nn.Module, names: list[str], tensors: dict, path: Path) -> None:
-    for mod_name in names:
-        if not _has_module(model, mod_name):
-            raise ValueError(f"saved module {mod_name!r} does not exist in the model")
-        for pname, p in model.get_submodule(mod_name).named_parameters():
-            key = f"{mod_name}.{pname}"
-            if key not in tensors:
-                raise ValueError(f"{path} lacks saved-module tensor {key}")
-            if tuple(p.shape) != tuple(tensors[key].shape):
-                raise ValueError(
-                    f"shape mismatch for saved module parameter {key!r}: model "
-                    f"{tuple(p.shape)}, file {tuple(tensors[key].shape)}"
-                )
 
 
 def _apply_shift(layer, P0: torch.Tensor | None, Q0: torch.Tensor | None) -> None:
@@ -283,11 +301,3 @@ def _apply_shift(layer, P0: torch.Tensor | None, Q0: torch.Tensor | None) -> Non
         layer.shift_Q = layer.shift_Q[:0]
     if P0 is not None and Q0 is not None and P0.shape[1]:
         layer.shift_base(P0, Q0)
-
-
-def _has_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
