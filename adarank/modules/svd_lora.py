@@ -30,6 +30,13 @@ Statistics for the allocator (kept here because only the forward sees the inputs
       forward enter G (rescaled, so G stays an unbiased estimate of the full-batch gradient):
       the capture costs at most one weight-gradient product of that many tokens, not of the
       whole batch.
+
+Activation checkpointing re-runs a block's forward inside backward; such a recomputation
+(:func:`in_backward_pass`) adds no statistics, so a step's statistics and captured gradient are
+the same with and without checkpointing. Non-reentrant checkpointing (``build_hf_model``'s):
+the first forward records and captures, the recomputation only rebuilds the same graph.
+Reentrant (first forward under ``no_grad``): statistics come from the first forward, the capture
+(which needs a graph) from the recomputation.
 """
 
 from __future__ import annotations
@@ -40,10 +47,24 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["SVDLoRALinear", "is_conv1d", "linear_shape"]
+__all__ = ["SVDLoRALinear", "in_backward_pass", "is_conv1d", "linear_shape"]
 
 #: default cap on the tokens of one forward that enter the captured gradient (None: all)
 CAPTURE_MAX_TOKENS = 1024
+
+
+_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def in_backward_pass() -> bool:
+    """True while this thread runs inside an autograd backward pass.
+
+    A module forward that runs there is an activation-checkpointing recomputation. Uses the
+    private ``torch._C._current_graph_task_id()`` (-1 outside a backward pass; the same probe
+    ``torch.utils.checkpoint`` relies on). On a torch build without it this returns False:
+    statistics are then counted again in recomputations (as without this guard).
+    """
+    return _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() != -1
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -189,13 +210,14 @@ class SVDLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if self._capture and self.training and torch.is_grad_enabled():
-            out = self._attach_capture(x, out)
+        recompute = self.training and in_backward_pass()  # activation checkpointing
+        if self._capture and self.training:
+            out = self._capture_forward(x, out, recompute)
         if self.merged or self.rank == 0:
             return out
         h = self.dropout(x).to(self.lora_Q.dtype)  # the live dtype, also after module.to(dtype)
         z = h @ self.lora_Q.T  # (..., r)
-        if self.training and self.track_stats:
+        if self.training and self.track_stats and not recompute:
             with torch.no_grad():
                 if self.z_sq_sum.device != z.device:
                     self.z_sq_sum = self.z_sq_sum.to(z.device)
@@ -381,12 +403,33 @@ class SVDLoRALinear(nn.Module):
         self.captured_tokens = 0  # tokens seen (before subsampling)
         self.captured_sketch: tuple[torch.Tensor, torch.Tensor] | None = None  # (Y, W)
         self._sketch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._deferred_captures = 0  # no-grad forwards whose capture waits for a recomputation
 
     def captured_inputs(self) -> torch.Tensor:
         """The sampled input rows of the capture, (n, d_in) float32."""
         if not self.captured_x:
             return torch.zeros(0, self.d_in)
         return torch.cat(self.captured_x)
+
+    def _capture_forward(self, x: torch.Tensor, out: torch.Tensor, recompute: bool) -> torch.Tensor:
+        """Capture once per token whether or not (and however) the block is checkpointed.
+
+        A training-mode forward under ``no_grad`` that is never recomputed (not checkpointing)
+        leaves a deferred capture until the next ``capture_gradient`` call resets it.
+        """
+        if not recompute:
+            if torch.is_grad_enabled():
+                return self._attach_capture(x, out)
+            self._deferred_captures += 1  # reentrant checkpointing: capture when recomputed
+            return out
+        if self._deferred_captures > 0:  # reentrant recomputation: its own graph is backpropagated
+            self._deferred_captures -= 1
+            return self._attach_capture(x, out)
+        # non-reentrant recomputation: the first forward captured already; only rebuild the same
+        # graph (saved tensors must match the first forward's)
+        if torch.is_grad_enabled() and not out.requires_grad:
+            out = out.detach().requires_grad_(True)
+        return out
 
     def _attach_capture(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         xs = x.detach().reshape(-1, self.d_in).float()
