@@ -137,7 +137,7 @@ def check_layer_tensors(
         if tuple(t.shape) != want:
             raise ValueError(
                 f"tensor {name}.{key} in {path} has shape {tuple(t.shape)}, expected {want} "
-                f"from the adapter config (rank {r})"
+                f"from the adapter config (rank {r}, shift_rank {k})"
             )
 
 
@@ -153,7 +153,10 @@ def check_saved_modules(model: nn.Module, names: list[str], tensors: dict, path:
     """Every ``modules_to_save`` module exists and the file holds all its parameters."""
     for mod_name in names:
         if not has_module(model, mod_name):
-            raise ValueError(f"saved module {mod_name!r} does not exist in the model")
+            raise ValueError(
+                f"saved module {mod_name!r} named in the adapter config next to {path} does not "
+                "exist in the model"
+            )
         for pname, p in model.get_submodule(mod_name).named_parameters():
             key = f"{mod_name}.{pname}"
             if key not in tensors:
@@ -161,5 +164,5 @@ def check_saved_modules(model: nn.Module, names: list[str], tensors: dict, path:
             if tuple(p.shape) != tuple(tensors[key].shape):
                 raise ValueError(
                     f"shape mismatch for saved module parameter {key!r}: model "
-                    f"{tuple(p.shape)}, file {tuple(tensors[key].shape)}"
+                    f"{tuple(p.shape)}, file {tuple(tensors[key].shape)} in {path}"
                 )

@@ -198,7 +198,7 @@ def load_adapter(
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"cannot read {weights_path} (truncated or corrupt?): {err}") from err
-    shapes = _model_shapes(model, config["layers"], strict)
+    shapes = _model_shapes(model, config["layers"], strict, config_path)
     _check_file(model, config, shapes, tensors, weights_path)
     if check_base:
         _check_base(config, model, list(shapes), config_path)
@@ -206,21 +206,22 @@ def load_adapter(
     return config
 
 
-def _model_shapes(model: nn.Module, cfg_layers: dict, strict: bool) -> dict:
+def _model_shapes(model: nn.Module, cfg_layers: dict, strict: bool, path: Path) -> dict:
     """``{layer: (d_out, d_in)}`` of the file's layers that will be loaded into ``model``."""
     layers = adapter_layers(model)
     if not layers:
         missing = [n for n in cfg_layers if not has_module(model, n)]
         if missing:
             raise ValueError(
-                f"the model has no module(s) {missing[:5]} named in the adapter config"
+                f"the model has no module(s) {missing[:5]} named in {path} (an adapter for "
+                "another architecture?)"
             )
         return {n: linear_shape(model.get_submodule(n)) for n in cfg_layers}
     if strict and set(layers) != set(cfg_layers):
         only_model = sorted(set(layers) - set(cfg_layers))[:5]
         only_file = sorted(set(cfg_layers) - set(layers))[:5]
         raise ValueError(
-            f"adapter layers differ: in the model only {only_model}, in the file only {only_file}"
+            f"adapter layers differ: in the model only {only_model}, in {path} only {only_file}"
         )
     shapes = {n: (layers[n].d_out, layers[n].d_in) for n in cfg_layers if n in layers}
     merged = [n for n in shapes if layers[n].merged]
