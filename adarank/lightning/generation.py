@@ -169,7 +169,8 @@ class GenerationEvaluator(Callback):
 
     Attributes:
         base_metrics: ``{"base/val/answer_acc": ..., "base/val/loss": ..., "base/val/ppl": ...}``
-            once measured ({} before); part of the callback state in checkpoints.
+            once measured ({} before; non-finite values left out); part of the callback state
+            in checkpoints.
         last_metrics: the latest ``{"val/answer_acc": ...}``.
         summary_metrics: ``base_metrics`` (what a run's ``summary.json`` adds to its metrics).
     """
@@ -270,15 +271,15 @@ class GenerationEvaluator(Callback):
             return  # resumed: the base figures come from the checkpoint
         acc, rows = self.evaluate(trainer, pl_module)
         loss = self._base_loss(trainer, pl_module)
-        self.base_metrics = {
-            "base/val/answer_acc": acc,
+        measured = {
+            "base/val/answer_acc": acc,  # nan when no example has a short reference
             "base/val/loss": loss,
-            "base/val/ppl": math.exp(loss) if math.isfinite(loss) and loss < 700 else math.inf,
+            "base/val/ppl": math.exp(min(loss, 700.0)),
         }
+        self.base_metrics = {k: v for k, v in measured.items() if math.isfinite(v)}
         self.base_rows = [{"stage": "base", "step": 0, **r} for r in rows]
-        finite = {k: v for k, v in self.base_metrics.items() if math.isfinite(v)}
         for logger in trainer.loggers:
-            logger.log_metrics(finite, step=0)
+            logger.log_metrics(self.base_metrics, step=0)
         self._write(trainer)
 
     @override
