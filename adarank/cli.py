@@ -10,8 +10,11 @@
     adarank export RUN_DIR ...                    (adarank.export.cli, when installed)
 
 RECIPE is a YAML path or a shipped recipe name (``quickstart``). Exit codes: 0 success,
-1 training failed (the run's ``summary.json`` says why), 2 bad input (config, data, budget,
-schedule) — reported before any run directory is written.
+1 training failed (the run's ``summary.json`` says why; a diverged run keeps the adapter of its
+last finite step), 2 bad input (config, data, budget, schedule, checkpoint) — reported before
+any file is written. ``validate`` runs the same checks as ``fit`` (it builds the data and the
+model) and writes nothing. A rejected ``--resume`` leaves the run untouched; ``--resume`` of a
+run that stopped before its first checkpoint restarts it from step 0.
 """
 
 from __future__ import annotations
@@ -51,10 +54,15 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from adarank.runs import load_recipe_config
+    from adarank.runs import prepare
 
-    cfg = load_recipe_config(args.recipe, args.overrides)
-    print(f"{args.recipe}: ok (run.dir would be {cfg.run.dir})")
+    p = prepare(args.recipe, args.overrides)
+    budget = p.module.param_budget
+    print(
+        f"{args.recipe}: ok (run.dir would be {p.run_dir}; "
+        f"{p.total_steps if p.total_steps is not None else 'unknown'} optimizer steps; "
+        f"budget {_fmt_params(budget)} adapter params)"
+    )
     return EXIT_OK
 
 
@@ -65,7 +73,7 @@ def _fmt_params(n: int | None) -> str:
 def _report(summary: dict) -> None:
     run_dir = summary["run_dir"]
     metrics = summary.get("metrics", {})
-    shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if v is not None)
     budget = summary.get("param_budget")
     live = summary.get("adapter_params", 0)
     used = f" ({100 * live / budget:.1f}% of the budget)" if budget else ""
@@ -88,20 +96,37 @@ def _report(summary: dict) -> None:
             f"  W&B (offline): {run_dir}/logs/wandb  (upload with `wandb sync {run_dir}/logs/wandb/offline-run-*`)"
         )
     print(f"  analyse: adarank analyze {run_dir}")
+    for warning in summary.get("warnings", []):
+        print(f"adarank fit: warning: {warning}", file=sys.stderr)
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
+    from adarank.lightning.divergence import TrainingDiverged
     from adarank.runs import execute, prepare, prepare_resume
 
     if args.resume is not None:
         overrides = ([args.recipe] if args.recipe else []) + list(args.overrides)
         prepared = prepare_resume(args.resume, overrides)
+        if prepared.restart:
+            print(
+                f"adarank fit: {args.resume} stopped before its first checkpoint: restarting it "
+                "from step 0 (the outputs of the stopped attempt are replaced)",
+                file=sys.stderr,
+            )
     else:
         if not args.recipe:
             raise _UsageError("fit: give a RECIPE (path or shipped name) or --resume RUN_DIR")
         prepared = prepare(args.recipe, args.overrides)
     try:
         summary = execute(prepared)
+    except TrainingDiverged as err:
+        print(
+            f"adarank fit: training failed at step {err.step}: {err.reason}\n"
+            f"  adapter (last finite step): {prepared.run_dir}/adapter\n"
+            f"  details: {prepared.run_dir}/summary.json",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print(
             f"\nadarank fit: interrupted; continue with `adarank fit --resume {prepared.run_dir}`",
@@ -135,10 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("recipe", nargs="?", help="recipe YAML path or shipped recipe name")
     fit.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     fit.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint"
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from checkpoints/last.ckpt (only trainer.*, logger.*, "
+        "callbacks.*, optimizer.nonfinite / max_skipped_steps and data.num_workers may be "
+        "overridden; a rejected resume changes no file); a run that stopped before its first "
+        "checkpoint is restarted from step 0",
     )
     fit.set_defaults(handler=_cmd_fit)
-    val = sub.add_parser("validate", help="check a recipe and overrides without training")
+    val = sub.add_parser(
+        "validate",
+        help="run every check of fit (builds data and model) without training or writing",
+    )
     val.add_argument("recipe")
     val.add_argument("overrides", nargs="*")
     val.set_defaults(handler=_cmd_validate)

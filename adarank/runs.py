@@ -4,22 +4,28 @@ A run directory (``run.dir``, default ``runs/<recipe>-<timestamp>``)::
 
     config.yaml        resolved config (rebuilds the base model)
     labels.json        label names ↔ ids (classification)
-    summary.json       status ("ok" | "failed"), error, param_budget, trainable_params, ranks,
-                       metrics (final val/*), steps, wall_s, ...
+    summary.json       status ("ok" | "failed" | "interrupted"), error / reason, param_budget,
+                       trainable_params, ranks, metrics (final val/*), steps, wall_s, warnings
     ranks.csv, budget.csv, rank_heatmap.png, adapter/, snapshots/, checkpoints/last.ckpt, logs/
 
-Everything that can be wrong with the input is detected by :func:`prepare` — config validation,
-data loading, model building, budget and schedule feasibility — before the directory exists;
-:func:`execute` creates it and always leaves a ``summary.json``.
+Everything that can be wrong with the input is detected by :func:`preflight` — config
+validation, data loading, model building, budget and schedule feasibility, the Trainer's
+arguments — before anything is written; ``adarank validate`` runs exactly that and writes
+nothing. :func:`execute` creates the directory and always leaves a strict-JSON ``summary.json``.
+A run that diverges (non-finite loss, gradients or parameters; see
+:mod:`adarank.lightning.divergence`) ends with status ``"failed"``, a ``reason`` naming the
+step, and the adapter of the last finite step in ``adapter/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
+import shutil
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,32 +41,45 @@ from adarank.config.build import (
     check_feasible,
     estimate_total_steps,
 )
+from adarank.runs_io import write_json, write_text
+from adarank.runs_summary import diverged_summary, final_summary, fixed_rank_files, summary_base
 
-__all__ = ["Prepared", "Run", "execute", "load_run", "prepare", "prepare_resume", "write_json"]
+__all__ = [
+    "Prepared",
+    "Run",
+    "execute",
+    "load_run",
+    "preflight",
+    "prepare",
+    "prepare_resume",
+    "write_json",
+]
 
 CONFIG_NAME = "config.yaml"
 SUMMARY_NAME = "summary.json"
 LABELS_NAME = "labels.json"
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file in the same directory, then ``os.replace``)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
-
-
-def _write_config(cfg: DictConfig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
+#: what one attempt of ``fit`` writes besides config.yaml (removed before a restart)
+ATTEMPT_OUTPUTS = (
+    SUMMARY_NAME,
+    LABELS_NAME,
+    "ranks.csv",
+    "budget.csv",
+    "rank_heatmap.png",
+    "adapter",
+    "snapshots",
+    "checkpoints",
+    "logs",
+)
 
 
 @dataclass
 class Prepared:
-    """Everything built for a fit, before the run directory exists."""
+    """Everything built for a fit, before the run directory is written.
+
+    Attributes:
+        restart: the run directory holds an attempt that stopped before its first checkpoint;
+            :func:`execute` removes that attempt's outputs (:data:`ATTEMPT_OUTPUTS`) first.
+    """
 
     config: DictConfig
     run_dir: Path
@@ -70,20 +89,66 @@ class Prepared:
     total_steps: int | None
     init_report: dict = field(default_factory=dict)
     ckpt_path: Path | None = None
+    restart: bool = False
 
 
-def _build(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> Prepared:
+@contextlib.contextmanager
+def _stage(section: str) -> Iterator[None]:
+    """Prefix a builder's ValueError / TypeError / OSError with the config section it used."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, OSError) as err:
+        raise ConfigError(f"{section}: {err}") from err
+
+
+def preflight(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None = None) -> Prepared:
+    """Build data, model, adapters and module and check them all; writes nothing.
+
+    The one pre-flight shared by ``fit``, ``fit --resume`` and ``validate``.
+
+    Raises:
+        ConfigError, ValueError, TypeError, OSError: bad input (exit code 2).
+    """
     import lightning
 
+    from adarank.config.trainer import check_trainer
+
     lightning.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
-    data = build_data(cfg)
-    model = build_model(cfg, data)
-    init_report = add_config_adapters(cfg, model, data)
+    with _stage("data"):
+        data = build_data(cfg)
+    with _stage("model"):
+        model = build_model(cfg, data)
+    with _stage("adapter"):
+        init_report = add_config_adapters(cfg, model, data)
     model.train()  # builders return eval mode; fine-tuning uses the model's dropout
-    module = build_module(cfg, model, data)
-    total = estimate_total_steps(cfg, data)
+    with _stage("schedule / allocation / optimizer"):
+        module = build_module(cfg, model, data)
+    with _stage("data"):
+        total = estimate_total_steps(cfg, data)
     check_feasible(cfg, module, total)
+    check_trainer(cfg, run_dir)
     return Prepared(cfg, run_dir, data, model, module, total, init_report, ckpt_path)
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """``run.dir`` must be absent or an empty directory, somewhere writable."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir={str(run_dir)!r}: exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ConfigError(
+            f"run.dir={str(run_dir)!r}: directory exists and is not empty; choose another "
+            "run.dir, or continue it with `adarank fit --resume` (which also restarts a run "
+            "that stopped before its first checkpoint)"
+        )
+    parent = run_dir.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"run.dir={str(run_dir)!r}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.dir={str(run_dir)!r}: {parent} is not writable")
 
 
 def prepare(recipe: str | os.PathLike, overrides: list[str] = ()) -> Prepared:
@@ -95,105 +160,50 @@ def prepare(recipe: str | os.PathLike, overrides: list[str] = ()) -> Prepared:
     cfg = load_config(recipe, overrides)
     validate_config(cfg)
     run_dir = Path(cfg.run.dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(
-            f"run.dir={str(run_dir)!r}: directory exists and is not empty; choose another "
-            "run.dir or continue it with `adarank fit --resume`"
-        )
-    return _build(cfg, run_dir, None)
+    _check_run_dir(run_dir)
+    return preflight(cfg, run_dir)
 
 
 def prepare_resume(run_dir: str | os.PathLike, overrides: list[str] = ()) -> Prepared:
-    """Rebuild a run from ``<run_dir>/config.yaml`` (+ overrides) to continue its last checkpoint."""
-    run_dir = Path(run_dir)
-    cfg_path, ckpt = run_dir / CONFIG_NAME, run_dir / "checkpoints" / "last.ckpt"
-    if not cfg_path.is_file():
-        raise ConfigError(f"--resume {str(run_dir)!r}: no {CONFIG_NAME} (not a run directory?)")
-    if not ckpt.is_file():
-        raise ConfigError(f"--resume {str(run_dir)!r}: no checkpoints/last.ckpt to continue from")
-    cfg = load_config(cfg_path, [*overrides, f"run.dir={run_dir}"])
-    validate_config(cfg)
-    return _build(cfg, run_dir, ckpt)
+    """Check and rebuild a run to continue it (see :mod:`adarank.runs_resume`); writes nothing."""
+    from adarank.runs_resume import prepare_resume as _prepare_resume
+
+    return _prepare_resume(run_dir, overrides)
 
 
-def _summary_base(p: Prepared) -> dict[str, Any]:
-    return {
-        "recipe": str(p.config.run.name),
-        "run_dir": str(p.run_dir),
-        "param_budget": p.module.param_budget,
-        "base_params": p.module.base_params,
-        "init": p.init_report.get("strategy") if p.init_report else "lora",
-    }
-
-
-def _final_summary(p: Prepared, trainer, wall: float) -> dict[str, Any]:
-    from adarank.config.trainer import ValidationTracker
-    from adarank.modules import adapter_layers, count_parameters
-
-    tracker = next(c for c in trainer.callbacks if isinstance(c, ValidationTracker))
-    if tracker.last_step != trainer.global_step:
-        trainer.validate(p.module, datamodule=p.data, verbose=False)
-    counts = count_parameters(p.model)
-    ranks = {n: layer.rank for n, layer in adapter_layers(p.model).items()}
-    metrics = dict(tracker.metrics)
-    for callback in trainer.callbacks:  # e.g. GenerationEvaluator: base/val/* before training
-        metrics.update(getattr(callback, "summary_metrics", None) or {})
-    planted = getattr(p.data, "planted", None)
-    if planted is not None:
-        metrics["planted/rank_recovery_error"] = float(planted.rank_recovery_error(ranks))
-        metrics["planted/noise_floor"] = float(planted.noise_floor)
-    return {
-        **_summary_base(p),
-        "status": "ok",
-        "trainable_params": counts["adapter"] + counts["saved"],
-        "adapter_params": counts["adapter"],
-        "saved_params": counts["saved"],
-        "ranks": ranks,
-        "metrics": metrics,
-        "steps": int(trainer.global_step),
-        "epochs": int(trainer.current_epoch),
-        "wall_s": round(wall, 2),
-    }
-
-
-def _fixed_rank_files(p: Prepared, step: int) -> None:
-    """ranks.csv / budget.csv / heatmap for runs without allocation events (one record)."""
-    if (p.run_dir / "ranks.csv").is_file() and (p.run_dir / "ranks.csv").stat().st_size > 20:
-        return
-    from adarank.lightning.trajectory_io import render_heatmap, write_budget_csv, write_ranks_csv
-    from adarank.modules import adapter_layers
-
-    layers = adapter_layers(p.model)
-    live = sum(layer.live_params for layer in layers.values())
-    record = {
-        "step": step,
-        "target_params": p.module.param_budget or live,
-        "live_params": live,
-        "ranks": {n: layer.rank for n, layer in layers.items()},
-        "pruned": {},
-        "grown": {},
-        "score_summary": {},
-    }
-    write_ranks_csv(p.run_dir / "ranks.csv", [record])
-    write_budget_csv(p.run_dir / "budget.csv", [record])
-    render_heatmap(p.run_dir / "rank_heatmap.png", [record], title="fixed ranks")
+def _clear_attempt(run_dir: Path) -> None:
+    for name in ATTEMPT_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def execute(p: Prepared) -> dict[str, Any]:
     """Create the run directory, train, save the adapter and write ``summary.json``.
 
     Returns:
-        the summary. Exceptions during training are re-raised after a ``"failed"`` summary
-        (with the error text) has been written.
+        the summary (status "ok").
+
+    Raises:
+        TrainingDiverged: non-finite values (or a non-finite final validation metric); the
+            "failed" summary and the last finite adapter are written first.
+        Exception: any other error during training, re-raised after a "failed" summary (with
+            the error text) has been written.
     """
     from adarank.config.trainer import build_trainer
+    from adarank.lightning.divergence import TrainingDiverged
     from adarank.modules import save_adapter
 
+    if p.restart:
+        _clear_attempt(p.run_dir)
     p.run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(p.config, p.run_dir / CONFIG_NAME)
+    write_text(p.run_dir / CONFIG_NAME, OmegaConf.to_yaml(p.config, resolve=True))
     if hasattr(p.data, "save_labels"):
         p.data.save_labels(p.run_dir / LABELS_NAME)
     start = time.perf_counter()
+    trainer = None
     try:
         trainer = build_trainer(p.config, p.run_dir)
         ckpt = str(p.ckpt_path) if p.ckpt_path else None
@@ -204,12 +214,16 @@ def execute(p: Prepared) -> dict[str, Any]:
             p.run_dir / "adapter",
             metadata={"recipe": str(p.config.run.name), "step": int(trainer.global_step)},
         )
-        _fixed_rank_files(p, int(trainer.global_step))
-        summary = _final_summary(p, trainer, time.perf_counter() - start)
+        fixed_rank_files(p, int(trainer.global_step))
+        summary = final_summary(p, trainer, time.perf_counter() - start)
+    except TrainingDiverged as err:
+        summary = diverged_summary(p, trainer, err, time.perf_counter() - start)
+        write_json(p.run_dir / SUMMARY_NAME, summary)
+        raise
     except BaseException as err:
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         summary = {
-            **_summary_base(p),
+            **summary_base(p),
             "status": status,
             "error": f"{type(err).__name__}: {err}",
             "traceback": traceback.format_exc(limit=20)[-4000:],
@@ -220,6 +234,8 @@ def execute(p: Prepared) -> dict[str, Any]:
     finally:
         _finish_wandb()
     write_json(p.run_dir / SUMMARY_NAME, summary)
+    if summary["status"] != "ok":
+        raise TrainingDiverged(summary["steps"], summary["reason"])
     return summary
 
 
@@ -309,7 +325,7 @@ def load_run(
 
 
 def load_recipe_config(recipe: str, overrides: list[str] = ()) -> DictConfig:
-    """Load and validate a recipe without building anything (``adarank validate``)."""
+    """Load and validate a recipe's config only (no data, no model; see :func:`prepare`)."""
     cfg = load_config(recipe, overrides)
     validate_config(cfg)
     return cfg

@@ -173,17 +173,67 @@ def estimate_total_steps(cfg: DictConfig | Mapping, data) -> int | None:
     return by_epochs
 
 
-def check_feasible(cfg: DictConfig | Mapping, module, total_steps: int | None) -> None:
-    """Budget vs adapter capacity and the schedule at ``total_steps`` (raises ConfigError)."""
-    from adarank.config.validate import schedule_for
-    from adarank.modules import adapter_layers
+def _bounds(module, layers: dict) -> tuple[int, int]:
+    """(min, max) adapter params the controller's rank bounds allow (mirrors RankController)."""
+    hp = module.hparams
+    lo = hi = 0
+    for name, layer in layers.items():
+        cap = min(layer.d_in, layer.d_out)
+        bound = hp.max_rank if hp.max_rank is not None else cap
+        top = min(bound.get(name, cap) if isinstance(bound, Mapping) else bound, cap)
+        low = hp.min_rank.get(name, 0) if isinstance(hp.min_rank, Mapping) else hp.min_rank
+        if not 0 <= int(low) <= int(top):
+            raise ConfigError(
+                f"allocation.min_rank={low!r} for {name!r}: expected between 0 and its max_rank "
+                f"{top} (allocation.max_rank / adapter.max_rank / min(d_in, d_out))"
+            )
+        lo += int(low) * layer.triplet_cost
+        hi += int(top) * layer.triplet_cost
+    return lo, hi
 
+
+def check_feasible(cfg: DictConfig | Mapping, module, total_steps: int | None) -> None:
+    """What needs the built model: trainable parameters, budget vs capacity, the schedule.
+
+    Raises:
+        ConfigError: no trainable parameter, no optimizer step, a budget below one triplet or
+            above what the adapters can hold (final or initial), an impossible schedule.
+    """
+    from adarank.config.validate import schedule_for
+    from adarank.modules import adapter_layers, count_parameters
+
+    plain = _plain(cfg)
+    ad = plain.get("adapter") or {}
+    counts = count_parameters(module.model)
+    if counts["adapter"] + counts["saved"] == 0:
+        raise ConfigError(
+            f"adapter.init_rank={ad.get('init_rank')!r} leaves 0 trainable parameters (every "
+            "adapter at rank 0 and no modules_to_save): nothing to train; raise "
+            "adapter.init_rank or add adapter.modules_to_save"
+        )
+    if total_steps is not None and total_steps < 1:
+        raise ConfigError(
+            f"the trainer would take {total_steps} optimizer steps (trainer.max_steps / "
+            "max_epochs / limit_train_batches and the data size); expected at least 1"
+        )
+    if total_steps is None and module.hparams.total_steps is None:
+        raise ConfigError(
+            "the run has no end: trainer.max_steps and trainer.max_epochs are unbounded (-1) or "
+            "the data has no length; set trainer.max_steps (or schedule.total_steps), which the "
+            "budget and learning-rate schedules need"
+        )
     budget = module.param_budget
     if budget is None:
         return
     layers = adapter_layers(module.model)
-    capacity = sum(layer.max_rank * layer.triplet_cost for layer in layers.values())
-    raw = (_plain(cfg).get("adapter") or {}).get("budget")
+    raw = ad.get("budget")
+    cheapest = min(layer.triplet_cost for layer in layers.values())
+    if budget < cheapest:
+        raise ConfigError(
+            f"adapter.budget={raw!r} = {budget} params cannot hold one triplet: the cheapest "
+            f"adapted module's triplet costs {cheapest} params (d_in + d_out + 1)"
+        )
+    lo, capacity = _bounds(module, layers)
     if budget > capacity:
         raise ConfigError(
             f"adapter.budget={raw!r} = {budget} params exceeds the {capacity} params that "
@@ -193,6 +243,13 @@ def check_feasible(cfg: DictConfig | Mapping, module, total_steps: int | None) -
     if total_steps is None:
         return
     try:
-        schedule_for(budget, total_steps, _plain(cfg).get("schedule") or {})
+        schedule = schedule_for(budget, total_steps, plain.get("schedule") or {})
     except (TypeError, ValueError) as err:
         raise ConfigError(f"schedule with {total_steps} optimizer steps: {err}") from err
+    try:
+        schedule.check_bounds(lo, capacity)
+    except ValueError as err:
+        raise ConfigError(
+            f"adapter.budget={raw!r} (warm-up budget {schedule.init_budget} = "
+            f"schedule.init_budget_ratio × {budget}): {err}"
+        ) from err

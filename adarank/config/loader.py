@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -57,8 +58,8 @@ def list_recipes() -> list[tuple[str, str, Path]]:
     out = []
     for path in sorted(recipes_dir().glob("*.yaml")):
         try:
-            desc = OmegaConf.load(path).get("description", "")
-        except OmegaConfBaseException as err:
+            desc = _load_yaml(path).get("description", "")
+        except ConfigError as err:
             desc = f"(unreadable: {err})"
         out.append((path.stem, str(desc or "").strip().splitlines()[0] if desc else "", path))
     return out
@@ -80,9 +81,27 @@ def resolve_recipe(recipe: str | os.PathLike) -> Path:
     raise ConfigError(f"recipe {str(recipe)!r}: no such file or shipped recipe; shipped: {names}")
 
 
+def yaml_error(source: str, err: yaml.YAMLError) -> str:
+    """``source:line:column: problem`` for a YAML parse error (one line, no traceback)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    return f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")
+
+
 def _load_yaml(path: Path) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(yaml_error(str(path), err)) from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            "expected a YAML file"
+        ) from err
+    except IsADirectoryError as err:
+        raise ConfigError(f"{path}: is a directory; expected a YAML file") from err
     except (OmegaConfBaseException, OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot parse YAML ({err})") from err
     if not isinstance(cfg, DictConfig):
@@ -117,24 +136,40 @@ def _compose(path: Path, stack: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"{path}: defaults={defaults!r}: expected a list of fragment names")
     merged = OmegaConf.create({})
     for entry in defaults or []:
-        merged = OmegaConf.merge(merged, _compose(_fragment_path(entry, path), (*stack, path)))
-    return OmegaConf.merge(merged, body)
+        fragment = _fragment_path(entry, path)
+        merged = _merge(merged, _compose(fragment, (*stack, path)), f"{path}: fragment {entry!r}")
+    return _merge(merged, body, f"{path}: its body")
+
+
+def _merge(base: DictConfig, other: DictConfig, what: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{what} does not merge: {str(err).splitlines()[0]}") from err
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     """Dotted ``key=value`` overrides (values parsed as YAML: ``1e-3``, ``[a,b]``, ``null``).
 
     Raises:
-        ConfigError: an item without ``=`` or with an empty key.
+        ConfigError: an item without ``=``, with an empty key or an unparseable value.
     """
+    out = OmegaConf.create({})
     for item in overrides:
         key = item.split("=", 1)[0]
-        if "=" not in item or not key or key.startswith(".") or key.endswith("."):
+        if "=" not in item or not key or key.startswith(".") or key.endswith(".") or ".." in key:
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {err}") from err
+        try:
+            out = OmegaConf.merge(out, OmegaConf.from_dotlist([item]))
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({problem}); quote it, "
+                f"e.g. {key}='\"...\"', or close its brackets"
+            ) from err
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override {item!r}: {str(err).splitlines()[0]}") from err
+    return out
 
 
 def load_config(
@@ -156,7 +191,23 @@ def load_config(
         the config; ``run.dir`` defaults to ``runs/<recipe>-<YYYYmmdd-HHMMSS>``.
     """
     path = resolve_recipe(recipe)
-    cfg = OmegaConf.merge(_compose(path), parse_overrides(overrides))
+    body, extra = _compose(path), parse_overrides(overrides)
+    try:
+        cfg = OmegaConf.merge(body, extra)
+    except OmegaConfBaseException as err:
+        raise ConfigError(
+            f"overrides {list(overrides)} do not fit {path}: {str(err).splitlines()[0]}"
+        ) from err
+    try:
+        _run_defaults(cfg, path, now)
+        if resolve:
+            OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot resolve interpolation: {str(err).splitlines()[0]}") from err
+    return cfg
+
+
+def _run_defaults(cfg: DictConfig, path: Path, now: datetime | None) -> None:
     run = cfg.get("run")
     if run is None:
         cfg.run = {}
@@ -167,9 +218,3 @@ def load_config(
     if cfg.run.get("dir") is None:
         stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
         cfg.run.dir = f"runs/{cfg.run.name}-{stamp}"
-    if resolve:
-        try:
-            OmegaConf.resolve(cfg)
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"cannot resolve interpolation: {err}") from err
-    return cfg

@@ -112,6 +112,8 @@ MODULE_ARGS: dict[str, dict[str, str]] = {
         "head_lr": "head_lr",  # modules_to_save learning rate (default lr)
         "weight_decay": "weight_decay",
         "warmup_ratio": "warmup_ratio",  # linear LR warm-up fraction, then linear decay
+        "nonfinite": "nonfinite",  # fail | skip: a step with non-finite loss/gradients/update
+        "max_skipped_steps": "max_skipped_steps",  # most steps nonfinite=skip may drop
     },
 }
 

@@ -11,7 +11,9 @@ Run-directory layout produced through these objects::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["ValidationTracker", "build_callbacks", "build_loggers", "build_trainer"]
+__all__ = [
+    "ValidationTracker",
+    "build_callbacks",
+    "build_loggers",
+    "build_trainer",
+    "check_trainer",
+]
 
 
 class ValidationTracker(Callback):
@@ -125,3 +133,46 @@ def build_trainer(cfg: DictConfig | Mapping, run_dir: Path, **overrides: Any) ->
         callbacks=build_callbacks(cfg, run_dir),
         **kwargs,
     )
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's informational messages (device summary, tips) for a dry build."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def check_trainer(cfg: DictConfig | Mapping, run_dir: Path) -> None:
+    """Construct the run's ``Trainer`` (callbacks included, no logger) and discard it.
+
+    Nothing is written: the loggers, which create directories, are left out. Catches what only
+    Lightning knows (accelerator, precision, strategy, devices, callback conflicts) before the
+    run directory exists.
+
+    Raises:
+        ConfigError: naming the ``trainer`` section and Lightning's message.
+    """
+    from adarank.config.errors import ConfigError
+
+    kwargs = dict(_plain(cfg).get("trainer") or {})
+    try:
+        with _quiet_lightning():
+            pl.Trainer(
+                default_root_dir=str(run_dir),
+                logger=False,
+                callbacks=build_callbacks(cfg, run_dir),
+                **kwargs,
+            )
+    except Exception as err:  # any failure here comes from the trainer arguments
+        shown = {k: v for k, v in kwargs.items() if k in str(err)} or kwargs
+        raise ConfigError(
+            f"trainer {shown}: lightning.Trainer rejects it: {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}"
+        ) from err

@@ -39,6 +39,12 @@ from adarank.config.schema import (
     init_strategies,
     module_section_keys,
 )
+from adarank.config.validate_values import (
+    nonfinite_problems,
+    optimizer_problems,
+    target_module_problems,
+    trainer_value_problems,
+)
 
 __all__ = ["schedule_for", "validate_config"]
 
@@ -196,6 +202,9 @@ def _data_file_problems(data: Mapping) -> list[str]:
             continue
         if not isinstance(path, str):
             continue  # reported as a type problem
+        if Path(path).expanduser().is_dir():
+            problems.append(f"data.{key}={path!r}: is a directory; expected a file")
+            continue
         if not Path(path).expanduser().is_file():
             problems.append(f"data.{key}={path!r}: file not found; expected an existing file")
             continue
@@ -274,6 +283,10 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
             problems.append(
                 f"adapter.target_modules={adapter.get('target_modules')!r}: expected at least one module name pattern"
             )
+        problems += target_module_problems(adapter.get("target_modules"))
+        scaling = adapter.get("scaling", 1.0)
+        if isinstance(scaling, (int, float)) and scaling == 0:
+            problems.append("adapter.scaling=0: ΔW would stay zero; expected a non-zero number")
         init = adapter.get("init", "lora")
         if isinstance(init, str) and init not in init_strategies():
             problems.append(
@@ -298,17 +311,11 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
         problems += _check_keys(section, plain.get(section), module_section_keys(section))
     opt = plain.get("optimizer") or {}
     if isinstance(opt, Mapping):
-        if opt.get("name", "adamw") not in _OPTIMIZERS:
-            problems.append(
-                f"optimizer.name={opt.get('name')!r}: expected one of {list(_OPTIMIZERS)}"
-            )
-        lr = opt.get("lr")
-        if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr <= 0:
-            problems.append(f"optimizer.lr={lr!r}: expected a positive number")
-        wr = opt.get("warmup_ratio", 0.0)
-        if isinstance(wr, (int, float)) and not 0 <= wr < 1:
-            problems.append(f"optimizer.warmup_ratio={wr!r}: expected a fraction in [0, 1)")
+        problems += optimizer_problems(opt, _OPTIMIZERS)
     problems += _trainer_problems(plain.get("trainer") or {})
+    problems += trainer_value_problems(plain.get("trainer"))
+    seen = {p.split("=", 1)[0] for p in problems}
+    problems += [p for p in nonfinite_problems(plain) if p.split("=", 1)[0] not in seen]
     problems += _check_keys("logger", plain.get("logger"), LOGGER_KEYS)
     log = plain.get("logger") or {}
     if isinstance(log, Mapping) and log.get("wandb_mode") not in (None, *_WANDB_MODES):

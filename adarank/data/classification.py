@@ -155,14 +155,31 @@ class TextClassificationDataModule(L.LightningDataModule):
         return cols[self.text_column], cols[self.label_column]
 
     @staticmethod
-    def _check(texts: list, labels: list, source: str) -> None:
+    def _check(texts: list, labels: list, source: str) -> list[str]:
+        """Check every example; returns the labels as strings (surrounding spaces removed).
+
+        Labels must be strings or integers: ``1`` and ``1.0`` (or ``True``) would otherwise
+        become different classes.
+        """
         if not texts:
             raise ValueError(f"{source}: no examples")
+        out = []
         for i, (t, y) in enumerate(zip(texts, labels)):
-            if not isinstance(t, str) or not t.strip():
+            if not isinstance(t, str):
+                raise ValueError(
+                    f"{source}: example {i} has a {type(t).__name__} text ({t!r}); expected a string"
+                )
+            if not t.strip():
                 raise ValueError(f"{source}: example {i} has an empty text ({t!r})")
-            if y is None or (isinstance(y, str) and not y.strip()):
+            if isinstance(y, bool) or not isinstance(y, (str, int)):
+                raise ValueError(
+                    f"{source}: example {i} has the label {y!r} ({type(y).__name__}); "
+                    "expected a string or an integer"
+                )
+            if isinstance(y, str) and not y.strip():
                 raise ValueError(f"{source}: example {i} has an empty label ({y!r})")
+            out.append(str(y).strip())
+        return out
 
     def _load(self) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
         if self.train_file is not None:
@@ -172,8 +189,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         else:
             texts, labels = load_rotten_tomatoes()
             source, names = "rotten_tomatoes", list(RT_LABELS)
-        self._check(texts, labels, source)
-        labels = [str(y) for y in labels]
+        labels = self._check(texts, labels, source)
         names = names or label_mapping(labels)
         if len(set(labels)) < 2:
             raise ValueError(
@@ -182,8 +198,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             )
         if self.val_file is not None:
             vt, vl = self._read(self.val_file)
-            self._check(vt, vl, f"data.val_file={self.val_file!r}")
-            vl = [str(y) for y in vl]
+            vl = self._check(vt, vl, f"data.val_file={self.val_file!r}")
             unseen = sorted(set(vl) - set(names))
             if unseen:
                 raise ValueError(
@@ -250,5 +265,5 @@ class TextClassificationDataModule(L.LightningDataModule):
             "labels": self.label_names,
             "label2id": {n: i for i, n in enumerate(self.label_names)},
         }
-        tmp.write_text(json.dumps(mapping, indent=2))
+        tmp.write_text(json.dumps(mapping, indent=2, allow_nan=False))
         os.replace(tmp, p)

@@ -13,6 +13,7 @@ Checkpoint entry ``checkpoint["adarank"]``::
     param_budget   resolved final budget (None: allocation off)
     base_params    frozen base-model parameters
     controller     RankController.state_dict() (None before configure_optimizers / allocation off)
+    guard          NonFiniteGuard.state_dict(): skipped steps, loss of the first step
 
 Checkpoint entry ``checkpoint["adarank_rng"]`` (:func:`rng_state`): the global RNG states at
 the save, restored by the module in ``on_train_start`` (after sanity checking and data setup,
@@ -32,6 +33,7 @@ __all__ = [
     "KEY",
     "RNG_KEY",
     "adarank_state",
+    "check_state_dict",
     "check_strategy",
     "restore_layers",
     "rng_state",
@@ -65,6 +67,7 @@ def adarank_state(pl_module: pl.LightningModule) -> dict[str, Any]:
         "param_budget": pl_module.param_budget,
         "base_params": pl_module.base_params,
         "controller": None if controller is None else controller.state_dict(),
+        "guard": pl_module.guard.state_dict() if hasattr(pl_module, "guard") else None,
     }
 
 
@@ -116,6 +119,9 @@ def restore_layers(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) ->
             "new run and load only the adapter with adarank.load_adapter)"
         )
     layers = adapter_layers(pl_module.model)
+    for name, info in state["layers"].items():  # ranks are ints ≤ max_rank (shapes checked)
+        if not isinstance(info.get("rank"), int) or not 0 <= info["rank"] <= layers[name].max_rank:
+            raise ValueError(f"checkpoint layer {name!r}: rank {info.get('rank')!r} is invalid")
     for name, info in state["layers"].items():
         layer = layers[name]
         layer.set_rank(int(info["rank"]))
@@ -124,6 +130,34 @@ def restore_layers(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) ->
             layer.shift_P = torch.zeros(layer.d_out, k, device=layer.shift_P.device)
             layer.shift_Q = torch.zeros(k, layer.d_in, device=layer.shift_Q.device)
     return state.get("controller")
+
+
+def check_state_dict(pl_module: pl.LightningModule, state_dict: Any) -> str:
+    """Differences between a checkpoint's ``state_dict`` and ``pl_module``'s ("" if none).
+
+    Call after :func:`restore_layers` (adapter tensors are stored at their live rank).
+    """
+    if not isinstance(state_dict, dict):
+        return f"'state_dict' is {type(state_dict).__name__}, not a mapping of tensors"
+    own = pl_module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    extra = sorted(set(state_dict) - set(own))
+    lines = []
+    if missing:
+        lines.append(f"{len(missing)} tensors missing from the checkpoint (e.g. {missing[:3]})")
+    if extra:
+        lines.append(f"{len(extra)} tensors not in this model (e.g. {extra[:3]})")
+    for key in sorted(set(own) & set(state_dict)):
+        saved = state_dict[key]
+        if not torch.is_tensor(saved):
+            lines.append(f"{key}: a {type(saved).__name__}, not a tensor")
+        elif tuple(saved.shape) != tuple(own[key].shape):
+            lines.append(
+                f"{key}: checkpoint shape {tuple(saved.shape)}, model {tuple(own[key].shape)}"
+            )
+        if len(lines) >= 6:
+            break
+    return "; ".join(lines)
 
 
 def check_strategy(trainer: pl.Trainer, allocation: bool) -> None:

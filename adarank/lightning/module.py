@@ -4,9 +4,10 @@ Where each piece of AdaRank (Zhang et al. 2023, §3) happens in Lightning's loop
 
     training_step          task loss + γ·R(P, Q)  (orthogonality term, Eq. 4; logged separately)
     backward (× accumulate_grad_batches)
-    on_before_optimizer_step   controller.observe() (sums its statistics over processes)
+    on_before_optimizer_step   non-finite check (divergence.py), then controller.observe()
                                (gradients complete: after accumulation and AMP unscaling)
-    optimizer_step         optimizer.step(); controller.step(global_step)  (prune / grow, §3.3)
+    optimizer_step         optimizer.step(); non-finite check of the parameters;
+                           controller.step(global_step)  (prune / grow, §3.3)
                            → under DDP: decisions checked equal on all processes, DDP re-wrapped
     callbacks' on_train_batch_end   (loggers and checkpoints see the new ranks)
 
@@ -29,6 +30,7 @@ from typing_extensions import override
 from adarank.allocation import BudgetSchedule, resolve_budget
 from adarank.allocation.regularizer import orthogonality_penalty
 from adarank.lightning import checkpointing, distributed
+from adarank.lightning.divergence import NonFiniteGuard
 from adarank.lightning.optim import OPTIMIZERS, build_optimizer, linear_warmup_decay
 from adarank.lightning.tasks import build_metrics, check_task, compute_metrics, run_task
 from adarank.lightning.tasks import update_metrics as _update_metrics
@@ -84,10 +86,16 @@ class AdaRankModule(pl.LightningModule):
         warmup_ratio: fraction of steps of linear learning-rate warm-up (then linear decay).
         total_steps: optimizer steps of the run; None uses ``trainer.estimated_stepping_batches``.
         num_classes: classes for classification metrics (default ``model.config.num_labels``).
+        nonfinite: a step with a non-finite loss, gradient or updated parameter ``"fail"``s the
+            run (``TrainingDiverged``; the last finite parameters are kept) or is ``"skip"``ped
+            (see :mod:`adarank.lightning.divergence`).
+        max_skipped_steps: most steps ``"skip"`` may drop before the run fails.
 
     Attributes:
         controller: the ``RankController`` (None before ``configure_optimizers`` and when
             ``budget`` is None).
+        guard: the :class:`~adarank.lightning.divergence.NonFiniteGuard` (skipped steps,
+            initial loss).
         param_budget: the resolved final budget in parameters (None: allocation off).
         base_params: number of frozen base-model parameters.
     """
@@ -117,6 +125,8 @@ class AdaRankModule(pl.LightningModule):
         warmup_ratio: float = 0.06,
         total_steps: int | None = None,
         num_classes: int | None = None,
+        nonfinite: str = "fail",
+        max_skipped_steps: int = 10,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -137,6 +147,7 @@ class AdaRankModule(pl.LightningModule):
             raise ValueError(f"orth_reg={orth_reg} must be >= 0")
         if total_steps is not None and (isinstance(total_steps, bool) or int(total_steps) < 1):
             raise ValueError(f"total_steps={total_steps!r} must be a positive int or None")
+        self.guard = NonFiniteGuard(nonfinite, max_skipped_steps)
         self.model = model
         self.base_params = count_parameters(model)["base"]
         self.param_budget = None if budget is None else resolve_budget(budget, self.base_params)
@@ -165,6 +176,7 @@ class AdaRankModule(pl.LightningModule):
         out = run_task(self.task, self.model, batch)
         reg = self.regularizer().to(out.loss.device)
         bs = _batch_size(batch)
+        self.guard.note_loss(out.loss)
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=bs)
         self.log("train/orth_reg", reg.detach().float(), batch_size=bs)
         return out.loss + reg
@@ -245,17 +257,29 @@ class AdaRankModule(pl.LightningModule):
         if self.trainer.world_size > 1:
             distributed.ignore_empty_parameters(self)
 
+    def _trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.controller is None:
-            return
-        self.controller.observe()  # all-reduces its statistics itself under torch.distributed
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        step = int(self.trainer.global_step) + 1
+        params = self._trainable()
+        # "fail" raises here, before the update; "skip" drops the step's gradients below
+        finite = self.guard.before_update(params, step, check_grads=scaler is None)
+        if self.controller is not None:
+            # all-reduces its statistics under torch.distributed; ignores non-finite ones
+            self.controller.observe()
+        if not finite:
+            for p in params.values():  # the optimizer leaves parameters without gradients alone
+                p.grad = None
 
     @override
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
     ) -> None:
         optimizer.step(closure=optimizer_closure)
+        self.guard.after_update(self._trainable(), int(self.trainer.global_step) + 1)
         self.after_optimizer_step()
 
     def after_optimizer_step(self) -> Any:
@@ -284,6 +308,7 @@ class AdaRankModule(pl.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_controller_state = checkpointing.restore_layers(self, checkpoint)
+        self.guard.load_state_dict(checkpoint[checkpointing.KEY].get("guard"))
         self._pending_rng_state = checkpoint.get(checkpointing.RNG_KEY)
 
     @override

@@ -100,12 +100,20 @@ def test_budget_above_capacity_is_rejected(tmp_path: Path) -> None:
     )
     model = build_hf_model("tiny-bert")
     add_config_adapters(cfg, model)
-    module = AdaRankModule(model, "classification", budget=1000)
+    module = AdaRankModule(model, "classification", budget=1000, max_rank=2)
     # 2 query layers × max_rank 2 × (32 + 32 + 1) = 260 params of capacity
     with pytest.raises(ConfigError, match="1000 params exceeds the 260 params"):
         check_feasible(cfg, module, 100)
-    module = AdaRankModule(model, "classification", budget=200)
+    # the warm-up budget (1.5 × final) must fit too: 1.5 × 200 = 300 > 260
+    module = AdaRankModule(model, "classification", budget=200, max_rank=2)
+    with pytest.raises(ConfigError, match="initial budget 300 params is above the 260"):
+        check_feasible(cfg, module, 100)
+    module = AdaRankModule(model, "classification", budget=170, max_rank=2)
     check_feasible(cfg, module, 100)
+    with pytest.raises(ConfigError, match="cannot hold one triplet: .* costs 65 params"):
+        check_feasible(cfg, AdaRankModule(model, "classification", budget=64, max_rank=2), 100)
+    with pytest.raises(ConfigError, match="the trainer would take 0 optimizer steps"):
+        check_feasible(cfg, module, 0)
     with pytest.raises(ConfigError, match=r"schedule with 6 optimizer steps.*warmup_steps \(5\)"):
         check_feasible(cfg, module, 6)
 

@@ -186,5 +186,8 @@ def test_existing_run_dir_and_bad_resume(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["fit", *_args(_write_csv(tmp_path / "d.csv"), run_dir)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert sorted(p.name for p in run_dir.iterdir()) == ["keep.txt"]
-    assert main(["fit", "--resume", str(tmp_path / "nothing")]) == 2
+    assert main(["fit", "--resume", str(run_dir)]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+    assert main(["fit", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["keep.txt"]
