@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from adarank.runs_io import dumps_strict
+
 #: MiniLM / BERT-style adapter targets: query/key/value/attention-output/intermediate/output
 #: dense layers of every encoder layer (36 modules in MiniLM-L6), not the pooler
 BERT_TARGET_REGEX = (
@@ -62,7 +64,7 @@ def write_json(path: str | os.PathLike, obj) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, default=str)
+            fh.write(dumps_strict(obj, indent=2))  # NaN/inf → null + a note
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -74,7 +76,7 @@ def append_jsonl(path: str | os.PathLike, record: Mapping) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
-        fh.write(json.dumps(record, default=str) + "\n")
+        fh.write(dumps_strict(record) + "\n")
         fh.flush()
 
 

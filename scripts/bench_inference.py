@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -45,6 +44,7 @@ import torch  # noqa: E402
 
 from adarank.export import MultiAdapterModel, export_peft, merge_and_unwrap  # noqa: E402
 from adarank.modules import adapter_layers, add_adapters, save_adapter  # noqa: E402
+from adarank.runs_io import dumps_strict  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
@@ -242,7 +242,7 @@ def main(argv=None) -> dict:
         pass
     report(result, lat, mix, args.batch)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(dumps_strict(result, indent=2))
     return result
 
 

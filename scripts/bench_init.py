@@ -30,6 +30,7 @@ import torch
 from adarank import add_adapters
 from adarank.init import initialize_adapters
 from adarank.models.planted import build_planted_task
+from adarank.runs_io import dumps_strict
 
 INITS = ("lora", "svd", "covariance", "activations", "gradient")
 
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.json)), suffix=".tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump(out, f, indent=2)
+            f.write(dumps_strict(out, indent=2))
         os.replace(tmp, args.json)
     return 0
 

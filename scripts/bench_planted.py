@@ -24,6 +24,7 @@ import torch
 
 from adarank.models.planted import build_planted_task, parse_int_list
 from adarank.models.planted_fit import fit_planted
+from adarank.runs_io import dumps_strict
 
 KEYS = (
     "method",
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.json)), suffix=".tmp")
         with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
+            fh.write(dumps_strict(payload, indent=2))
         os.replace(tmp, args.json)
     return 0
 

@@ -15,7 +15,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from bench_overhead import MODELS, build_model  # noqa: E402
 import adarank.allocation.controller as controller_mod  # noqa: E402
 from adarank.allocation import BudgetSchedule, RankController  # noqa: E402
 from adarank.modules import add_adapters  # noqa: E402
+from adarank.runs_io import dumps_strict  # noqa: E402
 
 
 class _Timer:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         f"= {100 * res['amortised_overhead_at_interval_10']:.1f}% of a step at interval 10"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+        Path(args.json).write_text(dumps_strict(res, indent=2))
     return 0
 
 

@@ -6,7 +6,6 @@ during training; works from the files only (no re-training, no data).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from adarank.analysis.sections import (
     spectra_section,
 )
 from adarank.modules.adapter_io import CONFIG_NAME, _atomic_write
+from adarank.runs_io import dumps_strict
 
 __all__ = ["AnalysisResult", "analyze_run", "FIGURES"]
 
@@ -179,7 +179,7 @@ def analyze_run(
     figures = _write_figures(data, out)
     data["figures"] = {k: p.name for k, p in figures.items()}
     _atomic_write(
-        out / "analysis.json", lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1))
+        out / "analysis.json", lambda tmp: Path(tmp).write_text(dumps_strict(data, indent=1))
     )
     report = write_report(data, out / "report.md")
     if wandb:
