@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 
 import pytest
 import torch
@@ -250,3 +251,21 @@ def test_writes_are_atomic(make_tiny_bert, tmp_path, monkeypatch):
     with pytest.raises(TypeError, match="JSON-serialisable"):
         save_adapter(model, tmp_path / "bad", metadata={"x": object()})
     assert not any((tmp_path / "bad").iterdir())
+
+
+def test_non_strict_load_verifies_only_the_layers_it_loads(make_tiny_bert, tmp_path):
+    save_adapter(trained_like(make_tiny_bert()), tmp_path)
+    model = make_tiny_bert()
+    add_adapters(model, "query", 1)  # a subset of the file's layers
+    with torch.no_grad():  # other base weights in a layer that is not loaded
+        model.bert.encoder.layer[0].intermediate.dense.weight.mul_(2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # verified, not skipped with a warning
+        config = load_adapter(model, tmp_path, strict=False)
+    assert {n: la.rank for n, la in adapter_layers(model).items()} == {
+        n: c["rank"] for n, c in config["layers"].items() if n.endswith("query")
+    }
+    with torch.no_grad():  # the same change in a loaded layer is refused
+        model.get_submodule(Q0).base_layer.weight.mul_(2.0)
+    with pytest.raises(ValueError, match=rf"other base weights: 1 of 2 .*'{Q0}'"):
+        load_adapter(model, tmp_path, strict=False)
