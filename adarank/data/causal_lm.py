@@ -30,7 +30,14 @@ def read_documents(path: str) -> list[str]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"text file {path!r} does not exist")
-    docs = [d.strip() for d in p.read_text(encoding="utf-8").split("\n\n")]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"text file {path!r}: not UTF-8 (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start}); save it as UTF-8"
+        ) from err
+    docs = [d.strip() for d in text.split("\n\n")]
     docs = [d for d in docs if d]
     if not docs:
         raise ValueError(f"text file {path!r} is empty")

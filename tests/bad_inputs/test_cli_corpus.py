@@ -433,6 +433,16 @@ DATA_CASES = [
 ]
 
 
+DATA_CASES.append(
+    Case(
+        "text_not_utf8",
+        ["causal_lm", "data.train_file={tmp}/t.txt", "run.dir={tmp}/run", "logger.wandb=false"],
+        r"data: text file '.*t\.txt': not UTF-8 \(byte 0xff",
+        _write("t.txt", b"the quick fox\n\n\xff\xfe jumps\n"),
+    )
+)
+
+
 def _edit_ckpt(fn: Callable[[dict], None]) -> Callable[[Path], None]:
     def setup(run: Path) -> None:
         path = run / "checkpoints" / "last.ckpt"
