@@ -221,15 +221,22 @@ def execute(p: Prepared) -> dict[str, Any]:
         write_json(p.run_dir / SUMMARY_NAME, summary)
         raise
     except BaseException as err:
-        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        # Lightning turns Ctrl-C into sys.exit(1) after marking the trainer interrupted
+        stopped = isinstance(err, KeyboardInterrupt) or (
+            isinstance(err, SystemExit) and getattr(trainer, "interrupted", False)
+        )
         summary = {
             **summary_base(p),
-            "status": status,
-            "error": f"{type(err).__name__}: {err}",
-            "traceback": traceback.format_exc(limit=20)[-4000:],
+            "status": "interrupted" if stopped else "failed",
+            "error": "interrupted (Ctrl-C)" if stopped else f"{type(err).__name__}: {err}",
+            "steps": None if trainer is None else int(trainer.global_step),
             "wall_s": round(time.perf_counter() - start, 2),
         }
+        if not stopped:
+            summary["traceback"] = traceback.format_exc(limit=20)[-4000:]
         write_json(p.run_dir / SUMMARY_NAME, summary)
+        if stopped and not isinstance(err, KeyboardInterrupt):
+            raise KeyboardInterrupt from err
         raise
     finally:
         _finish_wandb()

@@ -753,3 +753,33 @@ def test_json_writer_is_strict(tmp_path: Path) -> None:
     assert data["m"] == {"a": None, "b": 1.5} and data["l"] == [None]
     assert data["nonfinite_values"] == {"m.a": "nan", "l[0]": "-inf"}
     assert [p.name for p in tmp_path.iterdir()] == ["s.json"]  # no temporary file left
+
+
+def test_ctrl_c_is_recorded_and_the_run_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import signal
+
+    from adarank.lightning import AdaRankModule
+
+    step = AdaRankModule.training_step
+
+    def interrupt_at_step_3(self, batch, batch_idx):
+        if self.trainer.global_step == 3:
+            raise KeyboardInterrupt
+        return step(self, batch, batch_idx)
+
+    run = tmp_path / "run"
+    previous = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(AdaRankModule, "training_step", interrupt_at_step_3)
+    try:
+        assert main(["fit", *PLANTED, f"run.dir={run}"]) == 1
+    finally:
+        signal.signal(signal.SIGINT, previous)  # Lightning ignores SIGINT after a Ctrl-C
+    monkeypatch.undo()
+    assert f"continue with `adarank fit --resume {run}`" in capsys.readouterr().err
+    summary = _strict_json(run / "summary.json")
+    assert summary["status"] == "interrupted" and summary["steps"] == 3
+    assert main(["fit", "--resume", str(run)]) == 0  # from the checkpoint of step 2
+    summary = _strict_json(run / "summary.json")
+    assert summary["status"] == "ok" and summary["steps"] == 6
