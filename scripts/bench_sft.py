@@ -116,14 +116,13 @@ def _trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _adapter_params(method: str, model, controller) -> int:
+def _adapter_params(method: str, model, controller, dims: dict) -> int:
     """Live adapter parameters: adarank's triplets, AdaLoRA's unmasked ranks, LoRA's factors."""
     if method == "adarank":
         return controller.live_params()
     if method == "adalora":
         from _bench_common import adalora_ranks, effective_params
 
-        dims = {k.replace("base_model.model.", ""): v for k, v in _linear_dims(model).items()}
         return effective_params(adalora_ranks(model), dims)
     return _trainable(model)
 
@@ -170,7 +169,8 @@ def run_one(args, method: str, r: int, lr: float, seed: int) -> dict:
     torch.manual_seed(seed)
     data = _data(args, seed)
     model = build_hf_model(args.model, task="causal_lm", seed=seed)
-    lora_params = r * sum(a + b for a, b in _linear_dims(model).values())
+    dims = _linear_dims(model)
+    lora_params = r * sum(a + b for a, b in dims.values())
     base = _evaluate(args, model, data) if args.base_eval else {}
     model, controller, peft_model = _adapt(args, model, method, r, seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -212,7 +212,7 @@ def run_one(args, method: str, r: int, lr: float, seed: int) -> dict:
         "seed": seed,
         **result,
         "base": base,
-        "adapter_params_end": _adapter_params(method, model, controller),
+        "adapter_params_end": _adapter_params(method, model, controller, dims),
         "trainable_params_peak": peak_trainable,
         "step_s_median": statistics.median(times[3:] or times),
         "train_loss_last": statistics.fmean(losses[-10:]),
@@ -261,7 +261,7 @@ def _spawn(args, method: str, r: int, lr: float, seed: int) -> dict:
 def run_sweep(args) -> list[dict]:
     """Tune lr per method (first budget, seed 0), then every budget × seed at the best lr."""
     done = {_key(r): r for r in read_jsonl(args.jsonl)} if args.jsonl else {}
-    records = []
+    records: dict[tuple, dict] = {}  # this invocation's runs (the file may hold others)
 
     def go(method, r, lr, seed):
         key = (method, r, float(lr), seed, json.dumps(protocol(args)))
@@ -277,7 +277,7 @@ def run_sweep(args) -> list[dict]:
                 f"acc {rec['answer_acc']:.3f} ({rec['wall_s']:.0f} s)",
                 flush=True,
             )
-        records.append(done[key])
+        records[key] = done[key]
         return done[key]
 
     for method in args.methods:
@@ -287,7 +287,7 @@ def run_sweep(args) -> list[dict]:
         for r in args.budgets:
             for seed in range(args.seeds):
                 go(method, r, best, seed)
-    return records
+    return list(records.values())
 
 
 def report(records: list[dict]) -> str:
@@ -420,7 +420,7 @@ def parse_args(argv):
     args.lrs = {m: [float(v) for v in getattr(args, f"lrs_{m}").split(",")] for m in METHODS}
     if args.smoke:
         args.model, args.budgets, args.seeds, args.steps = "tiny-llama", [2], 1, 6
-        args.n_train, args.n_val, args.n_generate, args.max_length = 48, 16, 8, 96
+        args.n_train, args.n_val, args.n_generate, args.max_length = 48, 16, 8, 512
         args.init_rank, args.rounds, args.steps_per_round = 4, 2, 2
         args.lrs = {m: [3e-3] for m in METHODS}
     return args
