@@ -154,10 +154,15 @@ def _check_checkpoint(p: Prepared, ckpt: dict, path: Path) -> None:
     if not isinstance(step, int) or step < 0:
         raise ConfigError(f"{where}: global_step={step!r} is not a step count")
     if p.total_steps is not None and step >= p.total_steps:
+        fixed = p.module.hparams.total_steps
+        hint = (
+            f"raise trainer.max_steps (up to schedule.total_steps={fixed}) to train further"
+            if fixed is not None and fixed > step
+            else "the run has completed its schedule; start a new run to train more"
+        )
         raise ConfigError(
             f"--resume {str(p.run_dir)!r}: the checkpoint is at step {step} and the trainer "
-            f"would stop at step {p.total_steps}: nothing to continue; raise trainer.max_steps "
-            "(or max_epochs) to train further"
+            f"would stop at step {p.total_steps}: nothing to continue; {hint}"
         )
 
 

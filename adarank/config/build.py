@@ -222,6 +222,13 @@ def check_feasible(cfg: DictConfig | Mapping, module, total_steps: int | None) -
             "the data has no length; set trainer.max_steps (or schedule.total_steps), which the "
             "budget and learning-rate schedules need"
         )
+    fixed = module.hparams.total_steps
+    if total_steps is not None and fixed is not None and total_steps > fixed:
+        raise ConfigError(
+            f"schedule.total_steps={fixed} but the trainer would take {total_steps} optimizer "
+            f"steps: the learning rate is 0 after step {fixed}; raise schedule.total_steps or "
+            "lower trainer.max_steps"
+        )
     budget = module.param_budget
     if budget is None:
         return

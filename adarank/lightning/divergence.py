@@ -102,6 +102,7 @@ class NonFiniteGuard:
         self.initial_loss: float | None = None
         self._loss_bad: torch.Tensor | None = None
         self._loss_sum: torch.Tensor | None = None
+        self._loss_n = 0
         self._backup: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ hooks
@@ -111,6 +112,7 @@ class NonFiniteGuard:
         bad = ~torch.isfinite(value)
         self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        self._loss_n += 1
 
     def before_update(
         self, params: dict[str, nn.Parameter], step: int, *, check_grads: bool = True
@@ -124,6 +126,7 @@ class NonFiniteGuard:
         """
         loss_bad = self._loss_bad if self._loss_bad is not None else torch.zeros((), dtype=bool)
         loss_sum, self._loss_bad, self._loss_sum = self._loss_sum, None, None
+        loss_n, self._loss_n = max(self._loss_n, 1), 0
         grads = {n: p.grad for n, p in params.items() if p.grad is not None and check_grads}
         suspect = _suspect(list(grads.values()))
         bad_grad = None
@@ -133,7 +136,7 @@ class NonFiniteGuard:
             bad_grad = _non_finite(grads)
         if not bool(loss_bad) and bad_grad is None:
             if self.initial_loss is None and loss_sum is not None:
-                self.initial_loss = float(loss_sum)
+                self.initial_loss = float(loss_sum) / loss_n  # mean over micro-batches
             with torch.no_grad():
                 self._backup = torch._foreach_mul(list(params.values()), 1.0)  # copies
             return True

@@ -218,6 +218,11 @@ CONFIG_CASES = [
     ),
     Case("max_rank_zero", [*P, "adapter.max_rank=0"], r"adapter: max_rank=0 must be in \[1,"),
     Case("run_without_end", [*P, "trainer.max_steps=-1"], r"the run has no end"),
+    Case(
+        "schedule_shorter_than_run",
+        [*P, "schedule.total_steps=4"],
+        r"schedule.total_steps=4 but the trainer would take 6 optimizer steps",
+    ),
     Case("batch_size_zero", [*P, "data.batch_size=0"], r"data: batch_size=0: expected a positive"),
     Case("lr_nan", [*P, "optimizer.lr=.nan"], r"optimizer.lr=nan: expected a finite number"),
     Case("lr_inf", [*P, "optimizer.lr=.inf"], r"optimizer.lr=inf: expected a finite number"),
@@ -480,7 +485,9 @@ RUN_CASES = [
     Case("resume_seed_change", [*RES, "seed=3"], r"seed=3 \(run: 0\)"),
     Case("resume_run_dir_override", [*RES, "run.dir={tmp}/elsewhere"], r"continues .* in place"),
     Case(
-        "resume_nothing_to_do", RES, r"checkpoint is at step 6 and the trainer would stop at step 6"
+        "resume_nothing_to_do",
+        RES,
+        r"checkpoint is at step 6 and the trainer would stop at step 6: nothing to continue; the run has completed its schedule",
     ),
     Case(
         "resume_schedule_length",
