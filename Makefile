@@ -39,7 +39,7 @@ install: $(STAMP)
 data: $(CORPUS)
 
 run: $(STAMP) $(CORPUS)
-	$(OFFLINE_ENV) ADARANK_DATA_DIR=$(DATA_DIR) $(VENV)/bin/adarank fit recipes/$(RECIPE).yaml $(ARGS)
+	$(OFFLINE_ENV) ADARANK_DATA_DIR=$(DATA_DIR) $(VENV)/bin/adarank fit $(RECIPE) $(ARGS)
 
 test: $(STAMP) $(CORPUS)
 	$(OFFLINE_ENV) ADARANK_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q $(ARGS)
@@ -56,7 +56,7 @@ recipes: $(STAMP)
 	$(VENV)/bin/adarank recipes
 
 validate: $(STAMP) $(CORPUS)
-	for r in recipes/*.yaml; do $(OFFLINE_ENV) ADARANK_DATA_DIR=$(DATA_DIR) $(VENV)/bin/adarank validate $$r || exit 2; done
+	for r in $$($(VENV)/bin/adarank recipes | cut -d' ' -f1); do $(OFFLINE_ENV) ADARANK_DATA_DIR=$(DATA_DIR) $(VENV)/bin/adarank validate $$r || exit 2; done
 
 bench-smoke: $(STAMP)
 	$(OFFLINE_ENV) $(PY) scripts/bench_planted.py --smoke

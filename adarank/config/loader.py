@@ -16,6 +16,10 @@ body). The recipe body is merged after all of its fragments, and command-line ov
 (``trainer.max_steps=20``, ``adapter.budget=0.5%``) last. ``${a.b}`` interpolations are resolved
 after everything is merged. An entry may also be a path ending in ``.yaml`` (relative to the file
 that lists it).
+
+Where the files are: ``adarank/recipes`` and ``adarank/configs`` ship inside the package (package
+data, found with :mod:`importlib.resources`, so an installed wheel has them); a source checkout's
+own top-level ``recipes/`` / ``configs/``, when present, is searched first (:func:`search_path`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from datetime import datetime
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -38,30 +43,70 @@ __all__ = [
     "parse_overrides",
     "recipes_dir",
     "resolve_recipe",
+    "search_path",
 ]
 
-_ROOT = Path(__file__).resolve().parents[2]
+#: the repository root when adarank runs from a source checkout (unused for an installed wheel)
+_CHECKOUT = Path(__file__).resolve().parents[2]
+#: the folders (inside the ``adarank`` package, shipped as package data) per kind
+_KINDS = {"recipes": "ADARANK_RECIPES_DIR", "configs": "ADARANK_CONFIGS_DIR"}
+
+
+def _packaged(kind: str) -> Path:
+    """``adarank/<kind>`` found with :mod:`importlib.resources` (a wheel's package data)."""
+    return Path(str(resources.files("adarank").joinpath(kind)))
+
+
+def search_path(kind: str) -> list[Path]:
+    """Folders searched for ``"recipes"`` or ``"configs"``, the first match winning.
+
+    ``$ADARANK_RECIPES_DIR`` / ``$ADARANK_CONFIGS_DIR`` alone when set; otherwise a source
+    checkout's own top-level ``recipes/`` / ``configs/`` (when present) before the copies shipped
+    inside the package.
+    """
+    env = os.environ.get(_KINDS[kind])
+    if env:
+        return [Path(env).expanduser()]
+    checkout = _CHECKOUT / kind
+    is_checkout = (_CHECKOUT / "pyproject.toml").is_file() and checkout.is_dir()
+    return [checkout, _packaged(kind)] if is_checkout else [_packaged(kind)]
 
 
 def recipes_dir() -> Path:
-    """Directory of the shipped recipes (``$ADARANK_RECIPES_DIR`` or ``<repo>/recipes``)."""
-    return Path(os.environ.get("ADARANK_RECIPES_DIR", _ROOT / "recipes"))
+    """The shipped recipes (``$ADARANK_RECIPES_DIR`` or the package's ``recipes/``)."""
+    return search_path("recipes")[-1]
 
 
 def configs_dir() -> Path:
-    """Directory of the config fragments (``$ADARANK_CONFIGS_DIR`` or ``<repo>/configs``)."""
-    return Path(os.environ.get("ADARANK_CONFIGS_DIR", _ROOT / "configs"))
+    """The shipped fragments (``$ADARANK_CONFIGS_DIR`` or the package's ``configs/``)."""
+    return search_path("configs")[-1]
+
+
+def _find(kind: str, relative: str) -> Path | None:
+    for folder in search_path(kind):
+        if (folder / relative).is_file():
+            return folder / relative
+    return None
+
+
+def _available(kind: str, pattern: str) -> dict[str, Path]:
+    """``{name relative to its folder, without .yaml: path}``; earlier folders win."""
+    out: dict[str, Path] = {}
+    for folder in reversed(search_path(kind)):
+        for path in sorted(folder.glob(pattern)):
+            out[str(path.relative_to(folder).with_suffix(""))] = path
+    return dict(sorted(out.items()))
 
 
 def list_recipes() -> list[tuple[str, str, Path]]:
     """``(name, description, path)`` of every shipped recipe, sorted by name."""
     out = []
-    for path in sorted(recipes_dir().glob("*.yaml")):
+    for name, path in _available("recipes", "*.yaml").items():
         try:
             desc = _load_yaml(path).get("description", "")
         except ConfigError as err:
             desc = f"(unreadable: {err})"
-        out.append((path.stem, str(desc or "").strip().splitlines()[0] if desc else "", path))
+        out.append((name, str(desc or "").strip().splitlines()[0] if desc else "", path))
     return out
 
 
@@ -74,9 +119,10 @@ def resolve_recipe(recipe: str | os.PathLike) -> Path:
     path = Path(recipe).expanduser()
     if path.is_file():
         return path
-    shipped = recipes_dir() / f"{Path(str(recipe)).stem}.yaml"
-    if path.suffix in ("", ".yaml") and path.parent == Path(".") and shipped.is_file():
-        return shipped
+    if path.suffix in ("", ".yaml") and path.parent == Path("."):
+        shipped = _find("recipes", f"{path.stem}.yaml")
+        if shipped is not None:
+            return shipped
     names = [n for n, _, _ in list_recipes()]
     raise ConfigError(f"recipe {str(recipe)!r}: no such file or shipped recipe; shipped: {names}")
 
@@ -115,11 +161,9 @@ def _fragment_path(entry: object, parent: Path) -> Path:
     if entry.endswith(".yaml"):
         path = (parent.parent / entry).resolve()
     else:
-        path = configs_dir() / f"{entry}.yaml"
+        path = _find("configs", f"{entry}.yaml") or configs_dir() / f"{entry}.yaml"
     if not path.is_file():
-        groups = sorted(
-            str(p.relative_to(configs_dir()).with_suffix("")) for p in configs_dir().rglob("*.yaml")
-        )
+        groups = list(_available("configs", "**/*.yaml"))
         raise ConfigError(
             f"{parent}: defaults entry {entry!r}: no fragment {path}; available: {groups}"
         )
