@@ -16,9 +16,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["resolve_budget", "BudgetSchedule", "DECAYS"]
+__all__ = ["resolve_budget", "BudgetSchedule", "DECAYS", "SCHEDULE_DEFAULTS"]
 
 DECAYS = ("cubic", "linear", "constant")
+#: defaults of :meth:`BudgetSchedule.from_fractions` (shared by the training integrations)
+SCHEDULE_DEFAULTS = {
+    "init_budget_ratio": 1.5,
+    "warmup_frac": 0.1,
+    "final_frac": 0.2,
+    "interval": 10,
+    "decay": "cubic",
+}
 
 
 def resolve_budget(budget: int | float | str, base_params: int, *, field: str = "budget") -> int:
@@ -155,6 +163,61 @@ class BudgetSchedule:
                 f"{which} {value} params is above the {max_params} params that the per-layer "
                 "max_rank bounds allow; raise max_rank or lower the budget (init_budget)"
             )
+
+    @classmethod
+    def from_fractions(
+        cls,
+        final_budget: int,
+        total_steps: int,
+        *,
+        init_budget_ratio: float = SCHEDULE_DEFAULTS["init_budget_ratio"],
+        warmup_frac: float = SCHEDULE_DEFAULTS["warmup_frac"],
+        final_frac: float = SCHEDULE_DEFAULTS["final_frac"],
+        warmup_steps: int | None = None,
+        final_steps: int | None = None,
+        interval: int = SCHEDULE_DEFAULTS["interval"],
+        decay: str = SCHEDULE_DEFAULTS["decay"],
+    ) -> BudgetSchedule:
+        """The schedule a training integration builds from fractions of the run's length.
+
+        ``init_budget = max(b_T, round(init_budget_ratio · b_T))``, ``warmup_steps =
+        round(warmup_frac · total_steps)`` and ``final_steps = round(final_frac · total_steps)``
+        unless given in steps.
+
+        Args:
+            final_budget: b_T in parameters (see :func:`resolve_budget`).
+            total_steps: T, optimizer steps of the run.
+            init_budget_ratio: b_0 / b_T (≥ 1).
+            warmup_frac: fraction of the steps before the first allocation, in [0, 1).
+            final_frac: fraction of the steps with the rank pattern frozen, in [0, 1).
+            warmup_steps: t_w in steps (overrides ``warmup_frac``).
+            final_steps: t_f in steps (overrides ``final_frac``).
+            interval: ΔT, optimizer steps between allocations.
+            decay: ``"cubic"``, ``"linear"`` or ``"constant"``.
+
+        Raises:
+            ValueError: a fraction outside [0, 1), a ratio below 1, or an infeasible schedule.
+        """
+        for name, frac in (("warmup_frac", warmup_frac), ("final_frac", final_frac)):
+            if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac < 1:
+                raise ValueError(f"{name}={frac!r}: expected a fraction in [0, 1)")
+        ratio = init_budget_ratio
+        numeric = isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
+        if not numeric or not 1 <= ratio < math.inf:
+            raise ValueError(f"init_budget_ratio={ratio!r}: expected a number ≥ 1")
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps={total_steps!r}: expected an integer ≥ 1")
+        warm = round(warmup_frac * total_steps) if warmup_steps is None else warmup_steps
+        final = round(final_frac * total_steps) if final_steps is None else final_steps
+        return cls(
+            final_budget=final_budget,
+            total_steps=total_steps,
+            init_budget=max(final_budget, round(ratio * final_budget)),
+            warmup_steps=warm,
+            final_steps=final,
+            decay=decay,
+            interval=interval,
+        )
 
     @property
     def final_start(self) -> int:
