@@ -37,6 +37,7 @@ from adarank.models.llm import (
 )
 
 __all__ = [
+    "BUILTIN_HUB_IDS",
     "BUILTIN_MODELS",
     "TASKS",
     "TINY_MODELS",
@@ -50,6 +51,11 @@ __all__ = [
 TASKS = ("sequence_classification", "causal_lm")
 TINY_MODELS = ("tiny-bert", "tiny-gpt2", "tiny-llama")
 BUILTIN_MODELS = ("minilm", *GGUF_BUILTINS, *TINY_MODELS)
+#: Hub ids of the pretrained built-ins: the base model an exported adapter names
+BUILTIN_HUB_IDS = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 #: ``model`` keys that also select the tokenizer (see :func:`tokenizer_kwargs`)
 TOKENIZER_OPTIONS = ("gguf_file", "revision", "trust_remote_code")
 _TINY_HIDDEN = 32
