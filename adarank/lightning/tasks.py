@@ -11,7 +11,9 @@ Three tasks, chosen by name in :class:`~adarank.lightning.module.AdaRankModule`:
     A causal language model returning ``.logits`` ``(B, T, V)``. Labels are ``batch["labels"]``
     if given, else ``input_ids`` with padding (``attention_mask == 0``) set to ``-100``; the
     logits at position t predict the label at t + 1 (shift inside this module, so models are
-    called *without* labels). Loss: token-mean cross-entropy ignoring ``-100``. Metrics:
+    called *without* labels). Loss: token-mean cross-entropy ignoring ``-100``. Models that take
+    transformers' ``logits_to_keep`` compute logits only at positions whose next token carries a
+    label in some row (same loss; for instruction data most positions are prompt). Metrics:
     ``val/loss`` (token-weighted over the whole validation set) and ``val/ppl = exp(val/loss)``.
 ``"regression"``
     Any module mapping ``x`` to a prediction with ``y``'s shape (the planted task). The batch
@@ -21,6 +23,8 @@ Three tasks, chosen by name in :class:`~adarank.lightning.module.AdaRankModule`:
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -98,6 +102,26 @@ def _classification(model: nn.Module, batch: Any) -> TaskOutput:
     return TaskOutput(loss, logits.detach(), labels, int(labels.numel()))
 
 
+@functools.lru_cache(maxsize=64)
+def _takes_logits_to_keep(model_type: type) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model_type.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _label_positions(model: nn.Module, shift_labels: torch.Tensor) -> torch.Tensor | None:
+    """Positions t (1-D, shared by the batch) whose next token carries a label, when computing
+    logits only there saves work: the model takes transformers' ``logits_to_keep`` and some
+    positions carry no label in any row (instruction data: prompts and padding). None: all."""
+    if not _takes_logits_to_keep(type(model)):
+        return None
+    labelled = (shift_labels != IGNORE_INDEX).any(0)  # (T - 1,)
+    if bool(labelled.all()) or not bool(labelled.any()):
+        return None
+    return labelled.nonzero().squeeze(1)
+
+
 def _causal_lm(model: nn.Module, batch: Any) -> TaskOutput:
     inputs = _require_dict(batch, "causal_lm")
     labels = inputs.pop("labels", None)
@@ -108,9 +132,13 @@ def _causal_lm(model: nn.Module, batch: Any) -> TaskOutput:
         mask = inputs.get("attention_mask")
         if mask is not None:
             labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
-    logits = _logits(model(**inputs))  # (B, T, V)
-    shift_logits = logits[:, :-1].float()  # position t predicts token t + 1
-    shift_labels = labels[:, 1:]
+    shift_labels = labels[:, 1:]  # position t predicts token t + 1
+    keep = _label_positions(model, shift_labels)
+    if keep is None:
+        shift_logits = _logits(model(**inputs))[:, :-1].float()  # (B, T - 1, V)
+    else:  # only the positions that carry a label go through the (vocab-wide) output head
+        shift_logits = _logits(model(**inputs, logits_to_keep=keep)).float()  # (B, K, V)
+        shift_labels = shift_labels[:, keep]
     n_tokens = int((shift_labels != IGNORE_INDEX).sum())
     loss = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]),

@@ -93,3 +93,51 @@ def test_task_errors():
         run_task("classification", Logits(), {"x": torch.randn(2, 6)})
     with pytest.raises(ValueError, match="num_classes"):
         build_metrics("classification", None)
+
+
+class _HideLogitsToKeep(torch.nn.Module):
+    """The same model behind a forward without ``logits_to_keep``: the full-logits path."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_causal_lm_logits_only_at_labelled_positions_give_the_same_loss_and_gradients():
+    from adarank.models import build_hf_model
+    from adarank.modules import add_adapters
+
+    model = build_hf_model("tiny-llama", task="causal_lm", seed=0).train()
+    add_adapters(model, "all-linear", 3, factor_init="lora", seed=0)
+    with torch.no_grad():  # move the adapters off their function-preserving start
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(5, 200, (3, 12), generator=torch.Generator().manual_seed(1))
+    labels = torch.full_like(ids, -100)
+    labels[0, 5:8], labels[1, 9:11], labels[2, 3] = ids[0, 5:8], ids[1, 9:11], ids[2, 3]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    seen: dict[str, int] = {}
+
+    def record(module, args, out) -> None:
+        seen.setdefault("T", out.shape[1])
+
+    hook = model.lm_head.register_forward_hook(record)
+
+    def loss_and_grads(m):
+        out = run_task("causal_lm", m, batch)
+        grads = torch.autograd.grad(out.loss, [p for p in model.parameters() if p.requires_grad])
+        return out, grads
+
+    kept, kept_grads = loss_and_grads(model)
+    hook.remove()
+    full, full_grads = loss_and_grads(_HideLogitsToKeep(model))
+    # labels at t = 5, 6, 7, 9, 10, 3 are predicted from positions t - 1: 6 distinct positions
+    assert seen["T"] == 6
+    assert kept.weight == full.weight == 6
+    torch.testing.assert_close(kept.loss, full.loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(kept_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
