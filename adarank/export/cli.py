@@ -9,6 +9,7 @@ non-empty destination) prints one ``error:`` line and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -97,17 +98,50 @@ def export_run(
         return export_merged(model, out, tokenizer=tokenizer, overwrite=overwrite, inplace=True)
     if task_type is None:
         task_type = PEFT_TASK_TYPES.get(getattr(run, "task", None))
+    name = _base_name(run)
+    figure = run_dir / "rank_heatmap.png"
     return export_peft(
         model,
         out,
-        base_model_name_or_path=_base_name(run),
+        base_model_name_or_path=name,
         task_type=task_type,
         overwrite=overwrite,
+        param_budget=_param_budget(run_dir),
+        rank_figure=figure if figure.is_file() else None,
+        notes=_base_notes(name),
     )
 
 
+def _param_budget(run_dir: Path) -> int | None:
+    """``param_budget`` of the run's ``summary.json`` (None when absent or unreadable)."""
+    try:
+        value = json.loads((run_dir / "summary.json").read_text()).get("param_budget")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _base_notes(name: str | None) -> list[str]:
+    """Model-card notes on where a built-in base model's weights came from."""
+    from adarank.models.hf import BUILTIN_HUB_IDS, TINY_MODELS
+    from adarank.models.llm import GGUF_BUILTINS
+
+    if name in GGUF_BUILTINS:
+        return [
+            f"Trained on the dequantised weights of {GGUF_BUILTINS[name].filename} (a GGUF "
+            f"quantisation of {BUILTIN_HUB_IDS[name]}); on the original weights the outputs "
+            "differ slightly."
+        ]
+    if name in TINY_MODELS:
+        return [
+            f"The base model is adarank's random-init {name!r}, built in code (not on the Hub): "
+            f"adarank.models.build_hf_model({name!r}, ...) with the run's model seed."
+        ]
+    return []
+
+
 def _base_name(run: Any) -> str | None:
-    """``model.name_or_path`` of the run's config, recorded in the PEFT config."""
+    """``model.name_or_path`` of the run's config (built-ins become Hub ids in the export)."""
     try:
         name = run.config.model.get("name_or_path")
     except AttributeError:

@@ -39,6 +39,7 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iter
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         yield tmp
+        _usual_modes(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
             os.replace(out, old / "x")
@@ -49,3 +50,16 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iter
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _usual_modes(root: Path) -> None:
+    """Give ``root`` and everything in it the modes of a plain ``open``/``mkdir`` (umask applied).
+
+    ``mkdtemp`` creates 0700 directories and some writers (safetensors) 0600 files; an export is
+    meant to be shared, so it gets 0644 files and 0755 directories under the usual umask 022.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)

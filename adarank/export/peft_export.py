@@ -19,7 +19,9 @@ PEFT is an optional dependency: it is imported inside the functions.
 from __future__ import annotations
 
 import os
+import shutil
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -29,6 +31,7 @@ from torch import nn
 
 from adarank.export.dirs import atomic_directory
 from adarank.export.factors import total_update_factors
+from adarank.export.model_card import CARD_NAME, base_model_id, model_card
 from adarank.modules import adapter_layers
 from adarank.modules.inject import saved_modules
 
@@ -113,20 +116,30 @@ def export_peft(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     overwrite: bool = False,
+    param_budget: int | None = None,
+    rank_figure: str | os.PathLike | None = None,
+    notes: Sequence[str] = (),
 ) -> Path:
     """Write a PEFT LoRA adapter directory equivalent to ``model``'s adarank adapter.
 
     Load it with ``peft.PeftModel.from_pretrained(base, out)`` where ``base`` is the original
-    pretrained model (before any adarank init shifted its weights).
+    pretrained model (before any adarank init shifted its weights). The directory also holds a
+    model card ``README.md`` (:mod:`adarank.export.model_card`) and, when given, the rank figure;
+    files are written with the usual permissions (0644 files, 0755 directories under umask 022).
 
     Args:
         model: a transformers model with adarank adapters.
         out: output directory (written atomically).
         base_model_name_or_path: recorded in ``adapter_config.json``; defaults to the model's
-            ``config._name_or_path`` when set.
+            ``config._name_or_path`` when set. Built-ins (``"smollm2"``, ``"minilm"``, or the
+            directory they load from) are recorded as their Hub ids; other names as given.
         task_type: PEFT task type (e.g. ``"SEQ_CLS"``, ``"CAUSAL_LM"``) or None for a plain
             ``PeftModel``.
         overwrite: replace a non-empty ``out``.
+        param_budget: the training run's parameter budget, stated in the model card.
+        rank_figure: an image of the rank trajectory (e.g. a run's ``rank_heatmap.png``), copied
+            next to the card and shown in it.
+        notes: extra sentences for the card's notes section.
 
     Returns:
         the output directory.
@@ -142,6 +155,18 @@ def export_peft(
     pattern = {name: k for name, k in ranks.items() if k != r_default}
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    base_model_name_or_path = base_model_id(base_model_name_or_path)
+    if rank_figure is not None and not Path(rank_figure).is_file():
+        raise FileNotFoundError(f"rank_figure {str(rank_figure)!r} does not exist")
+    figure = None if rank_figure is None else f"rank_heatmap{Path(rank_figure).suffix}"
+    card = model_card(
+        model,
+        base_model=base_model_name_or_path,
+        param_budget=param_budget,
+        task_type=task_type,
+        rank_figure=figure,
+        notes=notes,
+    )
     config = peft.LoraConfig(
         r=r_default,
         lora_alpha=r_default,  # α = r → PEFT scaling α/r = 1; adarank's scaling is inside B
@@ -165,4 +190,7 @@ def export_peft(
     with atomic_directory(out, overwrite=overwrite) as tmp:
         config.save_pretrained(str(tmp), auto_mapping_dict=auto_mapping)
         save_file(tensors, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CARD_NAME).write_text(card, encoding="utf-8")
+        if figure is not None:
+            shutil.copyfile(rank_figure, tmp / figure)
     return Path(out)
