@@ -4,6 +4,7 @@
 
     adarank fit RECIPE [dotted.key=value ...]     train; writes a run directory
     adarank fit --resume RUN_DIR [key=value ...]  continue a run from checkpoints/last.ckpt
+    adarank fit --print-config RECIPE [...]       print the resolved config; no training
     adarank validate RECIPE [key=value ...]       check a config without training
     adarank recipes                               list the shipped recipes
     adarank analyze RUN_DIR ...                   (adarank.analysis.cli, when installed)
@@ -53,9 +54,32 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_config(args: argparse.Namespace) -> int:
+    """``--print-config``: the resolved config as YAML, then the static checks; builds nothing."""
+    from omegaconf import OmegaConf
+
+    from adarank.config import load_config, validate_config
+
+    if getattr(args, "resume", None) is not None:
+        from adarank.runs import CONFIG_NAME
+
+        overrides = ([args.recipe] if args.recipe else []) + list(args.overrides)
+        path = os.path.join(args.resume, CONFIG_NAME)
+        cfg = load_config(path, [*overrides, f"run.dir={args.resume}"])
+    elif not args.recipe:
+        raise _UsageError(f"{args.command}: give a RECIPE (path or shipped name)")
+    else:
+        cfg = load_config(args.recipe, args.overrides)
+    print(OmegaConf.to_yaml(cfg, resolve=True), end="", flush=True)
+    validate_config(cfg)
+    return EXIT_OK
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from adarank.runs import prepare
 
+    if args.print_config:
+        _print_config(args)
     p = prepare(args.recipe, args.overrides)
     budget = p.module.param_budget
     print(
@@ -104,6 +128,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from adarank.lightning.divergence import TrainingDiverged
     from adarank.runs import execute, prepare, prepare_resume
 
+    if args.print_config:
+        return _print_config(args)
     if args.resume is not None:
         overrides = ([args.recipe] if args.recipe else []) + list(args.overrides)
         prepared = prepare_resume(args.resume, overrides)
@@ -167,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
         "overridden; a rejected resume changes no file); a run that stopped before its first "
         "checkpoint is restarted from step 0",
     )
+    fit.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (YAML) and exit without building or training",
+    )
     fit.set_defaults(handler=_cmd_fit)
     val = sub.add_parser(
         "validate",
@@ -174,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     val.add_argument("recipe")
     val.add_argument("overrides", nargs="*")
+    val.add_argument(
+        "--print-config", action="store_true", help="print the resolved config, then validate"
+    )
     val.set_defaults(handler=_cmd_validate)
     rec = sub.add_parser("recipes", help="list the shipped recipes")
     rec.set_defaults(handler=_cmd_recipes)

@@ -6,7 +6,8 @@ Order and injection (the only places where built objects feed each other)::
     model  = instantiate(cfg.model, num_labels=data.num_labels, data=data)
     add_adapters(model, **cfg.adapter)  → adarank.init.initialize_adapters(cfg.adapter.init)
     module = AdaRankModule(model, data.task_type, budget=cfg.adapter.budget, **schedule,
-                           **allocation, **optimizer)              (see schema.MODULE_ARGS)
+                           **allocation, **optimizer, lr_scheduler=...)  (schema.MODULE_ARGS,
+                                                                          components)
 
 :func:`check_feasible` then verifies what needs the built model (budget vs adapter capacity,
 the schedule at the real number of steps) before any run directory is written.
@@ -21,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from adarank.config.components import optimizer_component, scheduler_component
 from adarank.config.errors import ConfigError
 from adarank.config.instantiate import instantiate
 from adarank.config.schema import MODULE_ARGS
@@ -36,6 +38,16 @@ __all__ = [
 ]
 
 _HEAD_TASK = {"sequence_classification": "classification", "causal_lm": "causal_lm"}
+#: ``adapter`` key → ``add_adapters`` argument
+_ADAPTER_ARGS = {
+    "init_rank": "init_rank",
+    "scaling": "scaling",
+    "max_rank": "max_rank",
+    "dropout": "dropout",
+    "modules_to_save": "modules_to_save",
+    "dtype": "adapter_dtype",
+    "factor_init": "factor_init",
+}
 
 
 def _plain(cfg: DictConfig | Mapping) -> dict:
@@ -89,18 +101,12 @@ def add_config_adapters(cfg: DictConfig | Mapping, model: nn.Module, data=None) 
 
     plain = _plain(cfg)
     ad = plain.get("adapter") or {}
-    add_adapters(
-        model,
-        ad["target_modules"],
-        ad.get("init_rank", 8),
-        scaling=float(ad.get("scaling", 1.0)),
-        max_rank=ad.get("max_rank"),
-        dropout=float(ad.get("dropout", 0.0)),
-        modules_to_save=ad.get("modules_to_save"),
-        adapter_dtype=ad.get("dtype") or "float32",
-        seed=int(plain.get("seed", 0)),
-        factor_init=ad.get("factor_init", "svd"),
-    )
+    # keys left out (or null) take add_adapters' own defaults
+    given = {arg: ad[key] for key, arg in _ADAPTER_ARGS.items() if ad.get(key) is not None}
+    for key in ("scaling", "dropout"):
+        if key in given:
+            given[key] = float(given[key])
+    add_adapters(model, ad["target_modules"], seed=int(plain.get("seed", 0)), **given)
     strategy = ad.get("init", "lora")
     init_args = dict(ad.get("init_args") or {})
     if strategy == "lora" and not init_args:
@@ -126,17 +132,29 @@ def add_config_adapters(cfg: DictConfig | Mapping, model: nn.Module, data=None) 
 
 
 def module_kwargs(cfg: DictConfig | Mapping) -> dict[str, Any]:
-    """``AdaRankModule`` keyword arguments from the adapter/schedule/allocation/optimizer keys."""
+    """``AdaRankModule`` keyword arguments from the adapter/schedule/allocation/optimizer keys.
+
+    An ``optimizer._component_`` becomes ``optimizer`` (its import path) and
+    ``optimizer_args`` (its other arguments); ``lr_scheduler`` becomes ``lr_scheduler`` and
+    ``lr_scheduler_args``.
+    """
     plain = _plain(cfg)
     alloc = dict(plain.get("allocation") or {})
     enabled = alloc.pop("enabled", True)
     kwargs: dict[str, Any] = {
         "budget": (plain.get("adapter") or {}).get("budget") if enabled else None
     }
+    opt_path, opt_args = optimizer_component(plain.get("optimizer"))
     for section, mapping in MODULE_ARGS.items():
         node = alloc if section == "allocation" else dict(plain.get(section) or {})
         for key, value in node.items():
-            kwargs[mapping[key]] = value
+            if key in mapping and not (key == "name" and value is None):
+                kwargs[mapping[key]] = value
+    if opt_path is not None:
+        kwargs.update(optimizer=opt_path, optimizer_args=opt_args)
+    sched_path, sched_args = scheduler_component(plain.get("lr_scheduler"))
+    if sched_path is not None:
+        kwargs.update(lr_scheduler=sched_path, lr_scheduler_args=sched_args)
     if kwargs.get("max_rank") is None and (plain.get("adapter") or {}).get("max_rank") is not None:
         kwargs["max_rank"] = plain["adapter"]["max_rank"]
     return kwargs

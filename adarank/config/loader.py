@@ -188,7 +188,7 @@ def _compose(path: Path, stack: tuple[Path, ...] = ()) -> DictConfig:
 def _merge(base: DictConfig, other: DictConfig, what: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
-    except OmegaConfBaseException as err:
+    except (OmegaConfBaseException, TypeError, ValueError) as err:
         raise ConfigError(f"{what} does not merge: {str(err).splitlines()[0]}") from err
 
 
@@ -238,7 +238,7 @@ def load_config(
     body, extra = _compose(path), parse_overrides(overrides)
     try:
         cfg = OmegaConf.merge(body, extra)
-    except OmegaConfBaseException as err:
+    except (OmegaConfBaseException, TypeError, ValueError) as err:  # e.g. a mapping onto a list
         raise ConfigError(
             f"overrides {list(overrides)} do not fit {path}: {str(err).splitlines()[0]}"
         ) from err

@@ -12,11 +12,13 @@ data           ``_component_`` + the datamodule's arguments (checked against its
 adapter        :data:`ADAPTER_KEYS`
 schedule       budget-schedule options (:data:`MODULE_ARGS`, passed to ``AdaRankModule``)
 allocation     ``enabled`` + rank-controller options (:data:`MODULE_ARGS`)
-optimizer      optimizer and learning-rate options (:data:`MODULE_ARGS`)
+optimizer      optimizer and learning-rate options (:data:`MODULE_ARGS`), or ``_component_``
+               (any optimizer class) + its arguments (:mod:`adarank.config.components`)
+lr_scheduler   null (linear warm-up and decay) or ``_component_`` + its arguments
 trainer        any ``lightning.Trainer`` argument except ``logger``, ``callbacks``,
                ``default_root_dir`` (set from the logger / callbacks / run sections)
-logger         :data:`LOGGER_KEYS`
-callbacks      :data:`CALLBACK_KEYS`
+logger         :data:`LOGGER_KEYS` (``extra``: a list of ``_component_`` loggers)
+callbacks      :data:`CALLBACK_KEYS` (``extra``: a list of ``_component_`` callbacks)
 =============  =============================================================================
 """
 
@@ -53,6 +55,7 @@ SECTIONS = (
     "schedule",
     "allocation",
     "optimizer",
+    "lr_scheduler",
     "trainer",
     "logger",
     "callbacks",
@@ -107,7 +110,7 @@ MODULE_ARGS: dict[str, dict[str, str]] = {
         "orth_reg": "orth_reg",  # γ of the orthogonality regulariser
     },
     "optimizer": {
-        "name": "optimizer",  # adamw | adam | sgd
+        "name": "optimizer",  # adamw | adam | sgd (or _component_: any optimizer class)
         "lr": "lr",  # adapter learning rate
         "head_lr": "head_lr",  # modules_to_save learning rate (default lr)
         "weight_decay": "weight_decay",
@@ -122,6 +125,9 @@ LOGGER_KEYS: dict[str, Any] = {
     "wandb": bool,  # W&B logger under <run.dir>/logs/wandb
     "wandb_project": str,
     "wandb_mode": str | None,  # online | offline | disabled | None (offline unless a key is set)
+    # more loggers: [{_component_: lightning.pytorch.loggers.TensorBoardLogger, ...}, ...];
+    # save_dir defaults to <run.dir>/logs
+    "extra": list | None,
 }
 
 CALLBACK_KEYS: dict[str, Any] = {
@@ -132,6 +138,9 @@ CALLBACK_KEYS: dict[str, Any] = {
     # {num_examples: 100, max_new_tokens: 16}); on whenever the datamodule offers
     # generation_examples(), {num_examples: 0} turns it off
     "generation": dict | None,
+    # more Lightning callbacks: [{_component_: lightning.pytorch.callbacks.EarlyStopping,
+    # monitor: val/loss, patience: 3}, ...]
+    "extra": list | None,
 }
 
 TRAINER_RESERVED = {

@@ -7,6 +7,11 @@ Run-directory layout produced through these objects::
     <run.dir>/checkpoints/last.ckpt                       ModelCheckpoint (+ a final save)
     <run.dir>/logs/csv/version_N/metrics.csv                       CSVLogger          (logger.csv)
     <run.dir>/logs/wandb/                                 WandbLogger        (logger.wandb)
+    <run.dir>/logs/...                                    logger.extra (save_dir unless given)
+
+``logger.extra`` and ``callbacks.extra`` are lists of ``_component_`` nodes (e.g.
+``lightning.pytorch.loggers.TensorBoardLogger``, ``lightning.pytorch.callbacks.EarlyStopping``)
+added after the built-in ones.
 """
 
 from __future__ import annotations
@@ -78,11 +83,31 @@ def build_loggers(cfg: DictConfig | Mapping, run_dir: Path) -> list:
                 name=(plain.get("run") or {}).get("name"),
             )
         )
+    loggers += _extras(plain, "logger", save_dir=str(run_dir / "logs"))
     return loggers
 
 
+def _extras(plain: dict, section: str, **injected: Any) -> list:
+    """Instantiate ``<section>.extra`` (a builder's error names its item as bad input)."""
+    from adarank.config.components import extra_nodes
+    from adarank.config.errors import ConfigError
+    from adarank.config.instantiate import instantiate
+
+    out = []
+    for i, node in enumerate(extra_nodes(plain.get(section))):
+        try:
+            out.append(instantiate(node, f"{section}.extra[{i}]", **injected))
+        except ConfigError:
+            raise
+        except Exception as err:  # the component's own argument checks
+            raise ConfigError(
+                f"{section}.extra[{i}]={node!r}: {type(err).__name__}: {err}"
+            ) from err
+    return out
+
+
 def build_callbacks(cfg: DictConfig | Mapping, run_dir: Path) -> list[Callback]:
-    """Checkpoint, rank trajectory, adapter snapshots and the validation tracker."""
+    """Checkpoint, rank trajectory, adapter snapshots, the validation tracker, ``extra``."""
     from adarank.lightning import AdapterSnapshot, RankTrajectoryLogger
 
     cb = _plain(cfg).get("callbacks") or {}
@@ -102,6 +127,7 @@ def build_callbacks(cfg: DictConfig | Mapping, run_dir: Path) -> list[Callback]:
         ),
         ValidationTracker(),
         *_generation_callbacks(_plain(cfg), run_dir),
+        *_extras(_plain(cfg), "callbacks"),
     ]
 
 
@@ -162,14 +188,10 @@ def check_trainer(cfg: DictConfig | Mapping, run_dir: Path) -> None:
     from adarank.config.errors import ConfigError
 
     kwargs = dict(_plain(cfg).get("trainer") or {})
+    callbacks = build_callbacks(cfg, run_dir)
     try:
         with _quiet_lightning():
-            pl.Trainer(
-                default_root_dir=str(run_dir),
-                logger=False,
-                callbacks=build_callbacks(cfg, run_dir),
-                **kwargs,
-            )
+            pl.Trainer(default_root_dir=str(run_dir), logger=False, callbacks=callbacks, **kwargs)
     except Exception as err:  # any failure here comes from the trainer arguments
         shown = {k: v for k, v in kwargs.items() if k in str(err)} or kwargs
         raise ConfigError(

@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from adarank.config.components import component_problems, optimizer_component
 from adarank.config.errors import ConfigError
 from adarank.config.instantiate import (
     COMPONENT_KEY,
@@ -49,7 +50,6 @@ from adarank.config.validate_values import (
 __all__ = ["schedule_for", "validate_config"]
 
 _WANDB_MODES = ("online", "offline", "disabled")
-_OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 def _name(annotation: Any) -> str:
@@ -121,38 +121,17 @@ def _budget_problems(adapter: Mapping) -> tuple[list[str], int | None]:
 def schedule_for(final_budget: int, total_steps: int, schedule: Mapping):
     """The ``BudgetSchedule`` that ``AdaRankModule`` will build from the ``schedule`` section.
 
-    Mirrors ``AdaRankModule._build_schedule`` (defaults taken from its signature), so impossible
-    schedules are reported before anything is built.
+    Both call :meth:`BudgetSchedule.from_fractions` (one set of defaults and roundings), so
+    impossible schedules are reported before anything is built.
 
     Raises:
         ValueError / TypeError: from ``BudgetSchedule`` validation.
     """
     from adarank.allocation import BudgetSchedule
-    from adarank.lightning import AdaRankModule
 
-    params = signature_params(AdaRankModule)
-    hp = {k: params[k].default for k in MODULE_ARGS["schedule"].values()}
-    hp.update({MODULE_ARGS["schedule"][k]: v for k, v in schedule.items()})
-    total_steps = int(hp["total_steps"] or total_steps)
-    warm = (
-        hp["warmup_steps"]
-        if hp["warmup_steps"] is not None
-        else round(hp["warmup_frac"] * total_steps)
-    )
-    final = (
-        hp["final_steps"]
-        if hp["final_steps"] is not None
-        else round(hp["final_frac"] * total_steps)
-    )
-    return BudgetSchedule(
-        final_budget=final_budget,
-        total_steps=total_steps,
-        init_budget=max(final_budget, round(hp["init_budget_ratio"] * final_budget)),
-        warmup_steps=int(warm),
-        final_steps=int(final),
-        decay=hp["decay"],
-        interval=int(hp["interval"]),
-    )
+    args = {MODULE_ARGS["schedule"][k]: v for k, v in schedule.items()}
+    total = int(args.pop("total_steps", None) or total_steps)
+    return BudgetSchedule.from_fractions(final_budget, total, **args)
 
 
 def _schedule_problems(cfg: Mapping, final_budget: int | None) -> list[str]:
@@ -307,11 +286,17 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
                 problems.append(f"adapter.{key}={v!r}: expected a number in [0, 1)")
         budget_problems, final_budget = _budget_problems(adapter)
         problems += budget_problems
+    from adarank.lightning.optim import OPTIMIZERS
+
     for section in ("schedule", "allocation", "optimizer"):
-        problems += _check_keys(section, plain.get(section), module_section_keys(section))
+        node = plain.get(section)
+        if section == "optimizer" and optimizer_component(node)[0] is not None:
+            node = {k: v for k, v in node.items() if k in MODULE_ARGS["optimizer"]}
+        problems += _check_keys(section, node, module_section_keys(section))
     opt = plain.get("optimizer") or {}
     if isinstance(opt, Mapping):
-        problems += optimizer_problems(opt, _OPTIMIZERS)
+        problems += optimizer_problems(opt, OPTIMIZERS)
+    problems += component_problems(plain)
     problems += _trainer_problems(plain.get("trainer") or {})
     problems += trainer_value_problems(plain.get("trainer"))
     seen = {p.split("=", 1)[0] for p in problems}

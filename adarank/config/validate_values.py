@@ -69,7 +69,8 @@ def optimizer_problems(opt: Mapping, optimizers: tuple[str, ...]) -> list[str]:
     from adarank.lightning.divergence import NONFINITE_POLICIES
 
     problems = []
-    if opt.get("name", "adamw") not in optimizers:
+    name = opt.get("name", "adamw")
+    if name not in optimizers and not (name is None and opt.get("_component_") is not None):
         problems.append(f"optimizer.name={opt.get('name')!r}: expected one of {list(optimizers)}")
     for key in ("lr", "head_lr"):
         lr = opt.get(key)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,15 +29,34 @@ from torch import nn
 from typing_extensions import override
 
 from adarank.allocation import BudgetSchedule, resolve_budget
+from adarank.allocation.budget import SCHEDULE_DEFAULTS
 from adarank.allocation.regularizer import orthogonality_penalty
 from adarank.lightning import checkpointing, distributed
 from adarank.lightning.divergence import NonFiniteGuard
-from adarank.lightning.optim import OPTIMIZERS, build_optimizer, linear_warmup_decay
+from adarank.lightning.optim import (
+    OPTIMIZERS,
+    build_lr_scheduler,
+    build_optimizer,
+    component_path,
+    import_component,
+    linear_warmup_decay,
+)
 from adarank.lightning.tasks import build_metrics, check_task, compute_metrics, run_task
 from adarank.lightning.tasks import update_metrics as _update_metrics
 from adarank.modules import adapter_layers, count_parameters
 
-__all__ = ["AdaRankModule"]
+__all__ = ["SCHEDULE_ARGS", "AdaRankModule"]
+
+#: ``AdaRankModule`` arguments passed to :meth:`BudgetSchedule.from_fractions`
+SCHEDULE_ARGS = (
+    "init_budget_ratio",
+    "warmup_frac",
+    "final_frac",
+    "warmup_steps",
+    "final_steps",
+    "interval",
+    "decay",
+)
 
 
 def _batch_size(batch: Any) -> int:
@@ -82,8 +102,17 @@ class AdaRankModule(pl.LightningModule):
         lr: learning rate of the adapters.
         head_lr: learning rate of the ``modules_to_save`` parameters (default ``lr``).
         weight_decay: weight decay of P, Q and head matrices (never of λ, biases, norms).
-        optimizer: ``"adamw"``, ``"adam"`` or ``"sgd"``.
-        warmup_ratio: fraction of steps of linear learning-rate warm-up (then linear decay).
+        optimizer: ``"adamw"``, ``"adam"``, ``"sgd"``, or an optimizer class (or its import
+            path, e.g. ``"torch.optim.RAdam"``) called with the parameter groups (adapter /
+            λ without weight decay / head; see :mod:`adarank.lightning.optim`).
+        warmup_ratio: fraction of steps of linear learning-rate warm-up (then linear decay);
+            the built-in schedule, used when ``lr_scheduler`` is None.
+        optimizer_args: further keyword arguments of the optimizer (``betas``, ``eps``, ...).
+        lr_scheduler: a learning-rate scheduler class or factory (or its import path), called
+            as ``lr_scheduler(optimizer, **lr_scheduler_args)`` and stepped every optimizer
+            step; its ``total_steps`` / ``num_training_steps`` / ``T_max`` argument gets the
+            run's steps unless given. None: linear warm-up and decay (``warmup_ratio``).
+        lr_scheduler_args: keyword arguments of ``lr_scheduler``.
         total_steps: optimizer steps of the run; None uses ``trainer.estimated_stepping_batches``.
         num_classes: classes for classification metrics (default ``model.config.num_labels``).
         nonfinite: a step with a non-finite loss, gradient or updated parameter ``"fail"``s the
@@ -106,13 +135,13 @@ class AdaRankModule(pl.LightningModule):
         task: str,
         *,
         budget: int | float | str | None = None,
-        init_budget_ratio: float = 1.5,
-        warmup_frac: float = 0.1,
-        final_frac: float = 0.2,
+        init_budget_ratio: float = SCHEDULE_DEFAULTS["init_budget_ratio"],
+        warmup_frac: float = SCHEDULE_DEFAULTS["warmup_frac"],
+        final_frac: float = SCHEDULE_DEFAULTS["final_frac"],
         warmup_steps: int | None = None,
         final_steps: int | None = None,
-        interval: int = 10,
-        decay: str = "cubic",
+        interval: int = SCHEDULE_DEFAULTS["interval"],
+        decay: str = SCHEDULE_DEFAULTS["decay"],
         min_rank: int = 0,
         max_rank: int | None = None,
         scorer: str = "energy",
@@ -121,8 +150,11 @@ class AdaRankModule(pl.LightningModule):
         lr: float = 1e-3,
         head_lr: float | None = None,
         weight_decay: float = 0.0,
-        optimizer: str = "adamw",
+        optimizer: str | type[torch.optim.Optimizer] = "adamw",
         warmup_ratio: float = 0.06,
+        optimizer_args: dict | None = None,
+        lr_scheduler: str | Callable | None = None,
+        lr_scheduler_args: dict | None = None,
         total_steps: int | None = None,
         num_classes: int | None = None,
         nonfinite: str = "fail",
@@ -136,8 +168,20 @@ class AdaRankModule(pl.LightningModule):
             raise ValueError(
                 "model has no adapter layers: call adarank.add_adapters(model, ...) first"
             )
+        # hyper-parameters keep import paths: checkpoints load with weights_only=True
+        optimizer = component_path(optimizer, "optimizer")
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={optimizer!r} must be one of {list(OPTIMIZERS)}")
+            if "." not in optimizer:
+                raise ValueError(
+                    f"optimizer={optimizer!r} must be one of {list(OPTIMIZERS)} or an optimizer "
+                    "class (or its import path)"
+                )
+            import_component(optimizer, "optimizer")
+        if lr_scheduler is not None:
+            lr_scheduler = component_path(lr_scheduler, "lr_scheduler")
+            import_component(lr_scheduler, "lr_scheduler")
+        optimizer_args = dict(optimizer_args or {})
+        lr_scheduler_args = dict(lr_scheduler_args or {})
         for name, value in (("warmup_frac", warmup_frac), ("final_frac", final_frac)):
             _check_frac(name, value)
         _check_frac("warmup_ratio", warmup_ratio)
@@ -205,29 +249,33 @@ class AdaRankModule(pl.LightningModule):
 
     def _build_schedule(self, total: int) -> BudgetSchedule:
         hp = self.hparams
-        warm = hp.warmup_steps if hp.warmup_steps is not None else round(hp.warmup_frac * total)
-        final = hp.final_steps if hp.final_steps is not None else round(hp.final_frac * total)
-        return BudgetSchedule(
-            final_budget=self.param_budget,
-            total_steps=total,
-            init_budget=max(self.param_budget, round(hp.init_budget_ratio * self.param_budget)),
-            warmup_steps=int(warm),
-            final_steps=int(final),
-            decay=hp.decay,
-            interval=int(hp.interval),
+        return BudgetSchedule.from_fractions(
+            self.param_budget,
+            int(total),
+            **{k: hp[k] for k in SCHEDULE_ARGS},
         )
 
     @override
     def configure_optimizers(self) -> dict:
         hp = self.hparams
         optimizer = build_optimizer(
-            self.model, hp.optimizer, lr=hp.lr, head_lr=hp.head_lr, weight_decay=hp.weight_decay
+            self.model,
+            hp.optimizer,
+            lr=hp.lr,
+            head_lr=hp.head_lr,
+            weight_decay=hp.weight_decay,
+            **hp.optimizer_args,
         )
         total = self._total_steps()
-        lr_lambda = functools.partial(
-            linear_warmup_decay, total_steps=total, warmup_ratio=hp.warmup_ratio
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        if hp.lr_scheduler is not None:
+            scheduler = build_lr_scheduler(
+                optimizer, hp.lr_scheduler, total, **hp.lr_scheduler_args
+            )
+        else:
+            lr_lambda = functools.partial(
+                linear_warmup_decay, total_steps=total, warmup_ratio=hp.warmup_ratio
+            )
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         self.controller = None
         if self.param_budget is not None:
             from adarank.allocation import RankController

@@ -307,7 +307,7 @@ CONFIG_CASES = [
     Case(
         "init_budget_ratio_below_one",
         [*P, "schedule.init_budget_ratio=0.5"],
-        r"schedule / allocation / optimizer: init_budget_ratio=0.5 must be >= 1",
+        r"schedule with 6 total steps .*: init_budget_ratio=0.5: expected a number ≥ 1",
     ),
     Case("scaling_zero", [*P, "adapter.scaling=0"], r"adapter.scaling=0: ΔW would stay zero"),
     Case(

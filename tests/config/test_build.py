@@ -131,3 +131,34 @@ def test_estimate_total_steps() -> None:
     assert est("trainer.max_epochs=-1", "trainer.max_steps=7") == 7
     assert est("trainer.max_epochs=1", "trainer.max_steps=70") == 10
     assert est("trainer.max_epochs=1", "trainer.limit_train_batches=0.5") == 5
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        # b_T = 1001, T = 101: b_0 = round(1501.5) = 1502, t_w = round(10.1), t_f = round(20.2)
+        ({}, {"init_budget": 1502, "warmup_steps": 10, "final_steps": 20, "interval": 10}),
+        (
+            {"init_budget_ratio": 1.0, "warmup_frac": 0.25, "final_steps": 7, "interval": 3},
+            {"init_budget": 1001, "warmup_steps": 25, "final_steps": 7, "interval": 3},
+        ),
+        (
+            {"warmup_steps": 5, "final_frac": 0.3, "decay": "linear", "total_steps": 50},
+            {"init_budget": 1502, "warmup_steps": 5, "final_steps": 15, "total_steps": 50},
+        ),
+    ],
+)
+def test_validator_and_module_build_the_same_schedule(schedule: dict, expected: dict) -> None:
+    """One constructor (BudgetSchedule.from_fractions) behind validate and AdaRankModule."""
+    from adarank.config.schema import MODULE_ARGS
+    from adarank.config.validate import schedule_for
+    from adarank.lightning import AdaRankModule
+
+    model = build_hf_model("tiny-bert")
+    add_config_adapters(load_config("quickstart", ["model.name_or_path=tiny-bert"]), model)
+    args = {MODULE_ARGS["schedule"][k]: v for k, v in schedule.items()}
+    module = AdaRankModule(model, "classification", budget=1001, **args)
+    total = schedule.get("total_steps", 101)
+    built, checked = module._build_schedule(total), schedule_for(1001, 101, schedule)
+    assert built == checked
+    assert {k: getattr(built, k) for k in expected} == expected

@@ -94,3 +94,38 @@ def test_shipped_recipes_listed_with_descriptions() -> None:
     recipes = {name: desc for name, desc, _ in list_recipes()}
     assert SHIPPED <= set(recipes)
     assert all(recipes[n] for n in SHIPPED)
+
+
+def test_shipped_files_are_package_data() -> None:
+    """Recipes and fragments live inside the package (what a wheel ships)."""
+    import adarank
+    from adarank.config.loader import search_path
+
+    package = Path(adarank.__file__).parent
+    assert search_path("recipes")[-1] == package / "recipes"
+    assert search_path("configs")[-1] == package / "configs"
+    assert resolve_recipe("planted") == package / "recipes" / "planted.yaml"
+
+
+def test_checkout_recipes_and_configs_win(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import adarank.config.loader as loader
+
+    monkeypatch.delenv("ADARANK_RECIPES_DIR", raising=False)
+    monkeypatch.delenv("ADARANK_CONFIGS_DIR", raising=False)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "configs" / "trainer").mkdir(parents=True)
+    (tmp_path / "recipes" / "planted.yaml").write_text(
+        "description: my planted\ndefaults: [model/planted, trainer/cpu]\n"
+    )
+    (tmp_path / "configs" / "trainer" / "cpu.yaml").write_text("trainer:\n  max_steps: 3\n")
+    monkeypatch.setattr(loader, "_CHECKOUT", tmp_path)
+    # not a checkout without pyproject.toml: the package's own files only
+    assert {n: d for n, d, _ in list_recipes()}["planted"].startswith("Planted-rank")
+    (tmp_path / "pyproject.toml").write_text("")
+    recipes = {n: d for n, d, _ in list_recipes()}
+    assert recipes["planted"] == "my planted" and SHIPPED <= set(recipes)
+    assert resolve_recipe("planted") == tmp_path / "recipes" / "planted.yaml"
+    cfg = load_config("planted")
+    assert cfg.trainer == {"max_steps": 3}  # the checkout's fragment wins ...
+    assert cfg.model._component_ == "adarank.models.build_planted_model"  # ... others shipped
+    assert "accelerator" not in load_config("quickstart").trainer  # checkout cpu.yaml

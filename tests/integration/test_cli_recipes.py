@@ -113,3 +113,28 @@ def test_causal_lm_recipe_on_a_text_file(tmp_path: Path) -> None:
     s = _summary(run_dir)
     assert s["status"] == "ok" and {"val/loss", "val/ppl"} <= set(s["metrics"])
     assert s["adapter_params"] <= 1500
+
+
+def test_print_config_shows_the_resolved_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import yaml
+
+    run_dir = tmp_path / "never"
+    args = [
+        "planted",
+        f"run.dir={run_dir}",
+        "trainer.max_steps=7",
+        "data.seed=${trainer.max_steps}",
+    ]
+    assert main(["fit", "--print-config", *args]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["max_steps"] == 7 and printed["data"]["seed"] == 7  # resolved
+    assert printed["model"]["_component_"] == "adarank.models.build_planted_model"  # fragments
+    assert not run_dir.exists()  # nothing built, nothing written
+    assert main(["fit", "--print-config", "planted", "optimizer.lr=-1"]) == 2
+    captured = capsys.readouterr()
+    assert "optimizer:" in captured.out and "optimizer.lr=-1: expected a positive" in captured.err
+    assert main(["validate", "--print-config", *args]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 7" in out and "planted: ok" in out
