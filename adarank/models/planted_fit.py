@@ -70,12 +70,8 @@ def fit_planted(
     opt = torch.optim.Adam(params, lr=lr)
     controller = None
     if method == "adaptive":
-        schedule = BudgetSchedule(
-            final_budget=budget,
-            total_steps=steps,
-            warmup_steps=int(warmup_frac * steps),
-            final_steps=int(final_frac * steps),
-            interval=interval,
+        schedule = BudgetSchedule.from_fractions(
+            budget, steps, warmup_frac=warmup_frac, final_frac=final_frac, interval=interval
         )
         controller = RankController(
             layers, schedule, scorer=scorer, grow=grow, orth_reg=orth_reg, optimizer=opt, seed=seed
