@@ -4,7 +4,9 @@ Pruning and growing replace ``nn.Parameter`` objects. For each replaced paramete
 optimizer's ``param_groups`` and re-index every per-element state tensor (Adam's ``exp_avg``,
 ``exp_avg_sq``, SGD's ``momentum_buffer``, ...) along the rank dimension: surviving slots keep
 their moments, new slots start from zero (no stale moments on pruned or new slots). Scalar state
-such as Adam's ``step`` is kept.
+such as Adam's ``step`` is kept. A parameter whose state has tensors of another shape (factored
+moments such as Adafactor's row/column statistics) loses its state: the optimizer starts it
+afresh at its next step, as for a new parameter.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ from __future__ import annotations
 import torch
 
 __all__ = ["replace_parameter"]
+
+
+def _factored(value: object, param: torch.Tensor) -> bool:
+    """A state tensor with dimensions that are not the parameter's (no slot-wise remap)."""
+    return torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape
 
 
 def replace_parameter(
@@ -44,6 +51,8 @@ def replace_parameter(
     if not found:
         return False
     state = optimizer.state.pop(old, None)
+    if state and any(_factored(v, old) for v in state.values()):
+        return True  # state not shaped like the parameter (e.g. Adafactor's): starts afresh
     if state:
         new_state = {}
         idx = keep.to(old.device)

@@ -176,3 +176,26 @@ def test_build_optimizer_and_scheduler_arguments() -> None:
     linear = build_lr_scheduler(sgd, "torch.optim.lr_scheduler.LinearLR", 10, total_iters=4)
     assert linear.total_iters == 4  # given arguments are kept
     assert component_path(torch.optim.AdamW, "optimizer") == "torch.optim.adamw.AdamW"
+
+
+def test_factored_optimizer_state_survives_resizes() -> None:
+    """Adafactor's row/column moments are not slot-wise: a resized tensor restarts its state."""
+    from adarank.allocation import BudgetSchedule, RankController
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+    layers = add_adapters(model, ["0", "1"], 4, seed=0)
+    opt = build_optimizer(model, "torch.optim.Adafactor", lr=1e-2)
+    schedule = BudgetSchedule.from_fractions(4 * 33, 40, interval=2)
+    ctrl = RankController(layers, schedule, optimizer=opt)
+    start = ctrl.ranks()
+    for step in range(1, 41):
+        (model(torch.randn(8, 16)).pow(2).mean() + ctrl.regularizer()).backward()
+        ctrl.observe()
+        opt.step()
+        ctrl.step(step)
+        opt.zero_grad()
+    assert ctrl.ranks() != start and sum(e.pruned != {} for e in ctrl.history) > 0
+    for layer in layers.values():  # every live tensor is optimised with state of its shape
+        state = opt.state[layer.lora_P]
+        assert state and all(v.dim() == 0 or v.shape[0] in (16, 1) for v in state.values())
