@@ -14,8 +14,8 @@ For ``transformers.Trainer`` and the trainers built on it (TRL's ``SFTTrainer``)
         on_optimizer_step          controller.step(global_step + 1): prune / grow, optimizer
                                    param groups and state re-indexed
         lr_scheduler.step(), zero_grad(), global_step += 1
-        on_step_end                after an allocation: trainer.log({"rank/<module>": ...}) →
-                                   every ``report_to`` integration and ``state.log_history``
+        on_step_end                after an allocation: {"rank/<module>": ...} to every
+                                   ``report_to`` integration and ``state.log_history``
         checkpoint-N/ written      on_save: ``adarank_adapter/`` + ``adarank_state.pt``
 
 Steps are optimizer steps (the hooks run once per step whatever the gradient accumulation);
@@ -25,7 +25,6 @@ Steps are optimizer steps (the hooks run once per step whatever the gradient acc
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,17 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from adarank.allocation import AllocationEvent, BudgetSchedule, RankController, resolve_budget
 from adarank.allocation.budget import SCHEDULE_DEFAULTS
-from adarank.modules import adapter_layers, count_parameters, resize_to, save_adapter
+from adarank.integrations.hf_state import (
+    ADAPTER_DIR,
+    STATE_NAME,
+    STATE_VERSION,
+    check_state,
+    layer_info,
+    read_state,
+    resize_before_load,
+    resize_layers,
+)
+from adarank.modules import adapter_layers, count_parameters, save_adapter
 
 __all__ = [
     "ADAPTER_DIR",
@@ -47,11 +56,8 @@ __all__ = [
     "unwrap_optimizer",
 ]
 
-#: sub-directory of ``checkpoint-N/`` with the native adapter files (``adarank.load_adapter``)
-ADAPTER_DIR = "adarank_adapter"
-#: file of ``checkpoint-N/`` with the allocation state (``torch.load(weights_only=True)``)
-STATE_NAME = "adarank_state.pt"
-STATE_VERSION = 1
+#: callbacks that print every log to the console (transformers' and TRL's)
+_CONSOLE_CALLBACKS = ("PrinterCallback", "ProgressCallback")
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -80,70 +86,6 @@ def event_metrics(event: AllocationEvent) -> dict[str, float]:
     metrics.update({f"score/{k}": float(v) for k, v in event.score_summary.items()})
     metrics.update({f"rank/{name}": float(rank) for name, rank in event.ranks.items()})
     return metrics
-
-
-def _layer_info(model: nn.Module) -> dict[str, dict[str, int]]:
-    return {
-        name: {
-            "d_out": layer.d_out,
-            "d_in": layer.d_in,
-            "rank": layer.rank,
-            "shift_rank": int(layer.shift_P.shape[1]),
-        }
-        for name, layer in adapter_layers(model).items()
-    }
-
-
-def _resize(model: nn.Module, ranks: Mapping[str, int], shifts: Mapping[str, int]) -> None:
-    """Give every adapter layer the shapes of a saved state (values are loaded afterwards)."""
-    resize_to(model, dict(ranks))
-    layers = adapter_layers(model)
-    for name, k in shifts.items():
-        layer = layers[name]
-        if layer.shift_P.shape[1] != k:
-            kw = {"device": layer.shift_P.device, "dtype": layer.shift_P.dtype}
-            layer.shift_P = torch.zeros(layer.d_out, k, **kw)
-            layer.shift_Q = torch.zeros(k, layer.d_in, **kw)
-
-
-def _resize_before_load(model: nn.Module, state_dict: Mapping, prefix: str, *_: Any) -> None:
-    """``load_state_dict`` pre-hook: resize adapter layers to the ranks of the incoming tensors.
-
-    Adapter tensors are stored at their live rank, so a Trainer checkpoint taken after pruning
-    or growth only loads into layers of the same ranks.
-    """
-    ranks, shifts = {}, {}
-    for name, layer in adapter_layers(model).items():
-        lam = state_dict.get(f"{prefix}{name}.lora_lambda")
-        if torch.is_tensor(lam) and lam.dim() == 1 and lam.shape[0] != layer.rank:
-            ranks[name] = int(lam.shape[0])
-        shift = state_dict.get(f"{prefix}{name}.shift_P")
-        if torch.is_tensor(shift) and shift.dim() == 2:
-            shifts[name] = int(shift.shape[1])
-    if ranks or shifts:
-        _resize(model, ranks, shifts)
-
-
-def read_state(checkpoint_dir: str | os.PathLike) -> dict:
-    """Read ``checkpoint_dir/adarank_state.pt`` written by :class:`AdaRankCallback`.
-
-    Raises:
-        FileNotFoundError: the file is missing.
-        ValueError: the file is not an adarank state of a known version.
-    """
-    path = Path(checkpoint_dir) / STATE_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} does not exist: not a checkpoint written with adarank's AdaRankCallback"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is a bad checkpoint
-        raise ValueError(f"cannot read {path} (truncated or corrupt?): {err}") from err
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        version = state.get("version") if isinstance(state, dict) else None
-        raise ValueError(f"{path}: unknown adarank state version {version!r}")
-    return state
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
@@ -255,7 +197,7 @@ class AdaRankCallback(TrainerCallback):
         self.schedule: BudgetSchedule | None = None
         self._pending: dict | None = None
         self._event: AllocationEvent | None = None
-        self._hook = model.register_load_state_dict_pre_hook(_resize_before_load)
+        self._hook = model.register_load_state_dict_pre_hook(resize_before_load)
         trainer.add_callback(self)
 
     # ------------------------------------------------------------------ public helpers
@@ -271,7 +213,7 @@ class AdaRankCallback(TrainerCallback):
             "global_step": 0 if self.controller is None else self.controller.global_step,
             "param_budget": self.param_budget,
             "base_params": self.base_params,
-            "layers": _layer_info(self.model),
+            "layers": layer_info(self.model),
             "controller": None if self.controller is None else self.controller.state_dict(),
         }
 
@@ -296,27 +238,14 @@ class AdaRankCallback(TrainerCallback):
                 or budget.
         """
         state = read_state(checkpoint_dir)
-        self._check_state(state, Path(checkpoint_dir) / STATE_NAME)
+        check_state(state, self.model, self.param_budget, Path(checkpoint_dir) / STATE_NAME)
         layers = state["layers"]
-        _resize(
+        resize_layers(
             self.model,
             {n: int(c["rank"]) for n, c in layers.items()},
             {n: int(c["shift_rank"]) for n, c in layers.items()},
         )
         self._pending = state
-
-    def _check_state(self, state: dict, path: Path) -> None:
-        saved, mine = state.get("layers") or {}, _layer_info(self.model)
-        shapes = {n: (c["d_out"], c["d_in"]) for n, c in mine.items()}
-        theirs = {n: (c.get("d_out"), c.get("d_in")) for n, c in saved.items()}
-        diff = sorted(n for n in set(shapes) | set(theirs) if shapes.get(n) != theirs.get(n))
-        if diff:
-            raise ValueError(f"{path} is from another model: adapter layers differ {diff[:5]}")
-        if state.get("param_budget") != self.param_budget:
-            raise ValueError(
-                f"{path} was trained with param_budget={state.get('param_budget')} but this "
-                f"callback has param_budget={self.param_budget}; resume with the same budget"
-            )
 
     # ------------------------------------------------------------------ Trainer hooks
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -364,7 +293,7 @@ class AdaRankCallback(TrainerCallback):
                     "resume_from_checkpoint=checkpoint_dir)"
                 )
             state = read_state(ckpt)
-            self._check_state(state, ckpt / STATE_NAME)
+            check_state(state, self.model, self.param_budget, ckpt / STATE_NAME)
         if state["global_step"] != step:
             raise ValueError(
                 f"the adarank state is from step {state['global_step']} but the Trainer resumes "
@@ -385,10 +314,27 @@ class AdaRankCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         event, self._event = self._event, None
         if event is not None and self.log_ranks:
-            should_log = control.should_log  # Trainer.log resets it: keep this step's loss log
-            self.trainer.log(event_metrics(event))
-            control.should_log = should_log
-        return control
+            self._report(args, state, control, event_metrics(event))
+
+    def _report(self, args, state, control, metrics: dict[str, float]) -> None:
+        """Send ``metrics`` at this step to every logging callback except the console printers.
+
+        Unlike ``Trainer.log`` this neither resets ``control.should_log`` (the step's loss log)
+        nor takes the metrics a trainer accumulates for its next log (TRL's ``SFTTrainer``), and
+        the console is not flooded with one rank per module.
+        """
+        state.log_history.append({**metrics, "epoch": state.epoch, "step": state.global_step})
+        handler = self.trainer.callback_handler
+        every = handler.callbacks
+        handler.callbacks = [
+            cb
+            for cb in every
+            if cb is not self and not type(cb).__name__.endswith(_CONSOLE_CALLBACKS)
+        ]
+        try:
+            handler.call_event("on_log", args, state, control, logs=dict(metrics))
+        finally:
+            handler.callbacks = every
 
     def on_save(self, args, state, control, **kwargs):
         if self.controller is None or not args.should_save:

@@ -143,8 +143,10 @@ def test_ranks_move_under_budget_and_training_continues(make_run, tmp_path):
     assert lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]  # linear decay kept going
 
 
-def test_rank_trajectory_reaches_the_trainer_loggers(make_run, tmp_path):
+def test_rank_trajectory_reaches_the_trainer_loggers(make_run, tmp_path, capsys):
     trainer, cb, rec = make_run(tmp_path / "run")
+    printed = capsys.readouterr().out  # PrinterCallback: the loss logs, not one rank per module
+    assert "'loss'" in printed and "rank/" not in printed
     logged = {step: logs for step, logs in rec.logs if "budget/live_params" in logs}
     assert sorted(logged) == [e.step for e in cb.history]
     for event in cb.history:
@@ -154,6 +156,9 @@ def test_rank_trajectory_reaches_the_trainer_loggers(make_run, tmp_path):
         assert {k[5:]: v for k, v in logs.items() if k.startswith("rank/")} == event.ranks
     history = [h for h in trainer.state.log_history if "budget/live_params" in h]
     assert [h["step"] for h in history] == [e.step for e in cb.history]
+    # the step's own loss log is kept when an allocation and a logging step coincide
+    loss_steps = [step for step, logs in rec.logs if "loss" in logs]
+    assert loss_steps == list(range(5, STEPS + 1, 5)) and 20 in {e.step for e in cb.history}
 
 
 def test_gradient_accumulation_takes_the_same_decisions(make_run, tmp_path):
@@ -317,3 +322,7 @@ def test_sft_trainer_allocates_ranks(tmp_path):
     assert cb.history and any(e.n_pruned or e.n_grown for e in cb.history)
     assert cb.controller.live_params() <= 8000
     assert read_state(tmp_path / "sft" / "checkpoint-24")["global_step"] == 24
+    # SFTTrainer's own metrics stay in its loss logs, none move into the rank logs
+    history = trainer.state.log_history
+    assert all("mean_token_accuracy" in h for h in history if "loss" in h)
+    assert not any("mean_token_accuracy" in h for h in history if "budget/live_params" in h)
