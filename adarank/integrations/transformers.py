@@ -219,11 +219,11 @@ class AdaRankCallback(TrainerCallback):
 
     def save(self, checkpoint_dir: str | os.PathLike) -> None:
         """Write ``adarank_adapter/`` and ``adarank_state.pt`` into ``checkpoint_dir``."""
-        out = Path(checkpoint_dir)
-        metadata = {"param_budget": self.param_budget, "step": self.state_dict()["global_step"]}
+        out, state = Path(checkpoint_dir), self.state_dict()
+        metadata = {"param_budget": self.param_budget, "step": state["global_step"]}
         save_adapter(self.model, out / ADAPTER_DIR, metadata=metadata)
         tmp = out / f".{STATE_NAME}.tmp"
-        torch.save(self.state_dict(), tmp)
+        torch.save(state, tmp)
         os.replace(tmp, out / STATE_NAME)
 
     def prepare_resume(self, checkpoint_dir: str | os.PathLike) -> None:
