@@ -12,8 +12,13 @@ order:
 4. the pre-flight of a new run (:func:`adarank.runs.preflight`) passes;
 5. the schedules keep their length (a run that did not set ``schedule.total_steps`` cannot
    change ``trainer.max_steps``: its budget and learning-rate schedules span that length);
-6. the checkpoint matches the rebuilt model: adapter layers and shapes, budget, every tensor
-   shape, the labels (``labels.json``), and it is not already at the last step.
+6. the checkpoint matches the rebuilt model: adapter layers and shapes, budget, the frozen base
+   weights (checkpoints do not hold them: the base rebuilt from ``model.*`` must match the
+   fingerprint stored at save time), every tensor shape, the labels (``labels.json``), and it
+   is not already at the last step.
+
+Under DDP (``trainer.strategy=ddp``) process 0 runs these checks; the processes it launches
+join the run (:mod:`adarank.runs_ddp`).
 
 A run that stopped before its first checkpoint (killed, or failed early) has nothing to continue
 from: ``--resume`` restarts it from step 0 with its ``config.yaml`` (overrides allowed, as for a

@@ -6,14 +6,27 @@ tensors are stored at their live rank, so before the state dict can be loaded ev
 resized (:func:`restore_layers`) to the rank recorded in the checkpoint; the controller's state is
 handed back to the module, which loads it once ``configure_optimizers`` has built the controller.
 
+Checkpoints hold only what training changes. ``checkpoint["state_dict"]`` keeps every tensor of
+the module except the frozen base parameters (:func:`trainable_state_dict`): adapter factors,
+``shift_P`` / ``shift_Q`` and any other adapter-layer state, the ``modules_to_save``, and the
+buffers; the optimizer, scheduler, loop, data-loader and RNG states come with them. Resuming
+rebuilds the base from the run's ``model.*`` config, and :func:`restore_layers` compares it with
+the fingerprint stored at save time (:mod:`adarank.modules.base_fingerprint`; a different base
+is a ``ValueError`` naming the layers). ``AdaRankModule.load_state_dict`` accepts a state dict
+whose only missing keys are frozen base parameters (:func:`check_state_dict`). Checkpoints of
+format 1, which also hold the base, still load (their base weights are loaded as saved).
+
 Checkpoint entry ``checkpoint["adarank"]``::
 
-    version        format version (1)
-    layers         {name: {"d_out", "d_in", "max_rank", "rank", "shift_rank"}}
-    param_budget   resolved final budget (None: allocation off)
-    base_params    frozen base-model parameters
-    controller     RankController.state_dict() (None before configure_optimizers / allocation off)
-    guard          NonFiniteGuard.state_dict(): skipped steps, loss of the first step
+    version          format version (2; 1: base weights in the state dict, no fingerprint)
+    layers           {name: {"d_out", "d_in", "max_rank", "rank", "shift_rank"}}
+    param_budget     resolved final budget (None: allocation off)
+    base_params      frozen base-model parameters
+    base             "omitted": the frozen base parameters are not in the state dict
+    base_fingerprint :func:`~adarank.modules.base_fingerprint.base_fingerprint` of the adapted
+                     layers (their original weights W0)
+    controller       RankController.state_dict() (None before configure_optimizers / allocation off)
+    guard            NonFiniteGuard.state_dict(): skipped steps, loss of the first step
 
 Checkpoint entry ``checkpoint["adarank_rng"]`` (:func:`rng_state`): the global RNG states at
 the save, restored by the module in ``on_train_start`` (after sanity checking and data setup,
@@ -28,6 +41,7 @@ import lightning.pytorch as pl
 import torch
 
 from adarank.modules import adapter_layers
+from adarank.modules.base_fingerprint import base_fingerprint, differing_layers
 
 __all__ = [
     "KEY",
@@ -35,14 +49,20 @@ __all__ = [
     "adarank_state",
     "check_state_dict",
     "check_strategy",
+    "frozen_keys",
     "restore_layers",
     "rng_state",
     "set_rng_state",
+    "trainable_state_dict",
 ]
 
 KEY = "adarank"
 RNG_KEY = "adarank_rng"
-VERSION = 1
+VERSION = 2
+#: formats :func:`restore_layers` reads (1: the state dict holds the base weights)
+READABLE_VERSIONS = (1, 2)
+#: attribute of the LightningModule that holds the adapted model
+MODEL_ATTR = "model"
 
 
 def _layer_info(pl_module: pl.LightningModule) -> dict[str, dict[str, int]]:
@@ -58,6 +78,43 @@ def _layer_info(pl_module: pl.LightningModule) -> dict[str, dict[str, int]]:
     }
 
 
+def frozen_keys(pl_module: pl.LightningModule) -> set[str]:
+    """State-dict keys of the frozen base parameters (``requires_grad=False``, not an adapter).
+
+    Tied parameters count under every name the state dict uses for them.
+    """
+    adapter = {
+        id(p)
+        for layer in adapter_layers(getattr(pl_module, MODEL_ATTR)).values()
+        for p in (layer.lora_P, layer.lora_lambda, layer.lora_Q)
+    }
+    return {
+        name
+        for name, p in pl_module.named_parameters(remove_duplicate=False)
+        if not p.requires_grad and id(p) not in adapter
+    }
+
+
+def trainable_state_dict(pl_module: pl.LightningModule, state_dict: dict) -> dict:
+    """``state_dict`` without the frozen base parameters (what a checkpoint stores)."""
+    frozen = frozen_keys(pl_module)
+    return type(state_dict)((k, v) for k, v in state_dict.items() if k not in frozen)
+
+
+def _fingerprint(pl_module: pl.LightningModule) -> dict:
+    """Fingerprint of the original base weights of the adapted layers (computed once).
+
+    The original weights W0 do not change during training (shifts and merges are undone by
+    the fingerprint itself), so the record is cached on the module.
+    """
+    cached = getattr(pl_module, "_adarank_base_fingerprint", None)
+    if cached is None:
+        model = getattr(pl_module, MODEL_ATTR)
+        cached = base_fingerprint(model, list(adapter_layers(model)))
+        pl_module._adarank_base_fingerprint = cached
+    return cached
+
+
 def adarank_state(pl_module: pl.LightningModule) -> dict[str, Any]:
     """The ``checkpoint["adarank"]`` entry for ``pl_module`` (see module docstring)."""
     controller = pl_module.controller
@@ -66,6 +123,8 @@ def adarank_state(pl_module: pl.LightningModule) -> dict[str, Any]:
         "layers": _layer_info(pl_module),
         "param_budget": pl_module.param_budget,
         "base_params": pl_module.base_params,
+        "base": "omitted",
+        "base_fingerprint": _fingerprint(pl_module),
         "controller": None if controller is None else controller.state_dict(),
         "guard": pl_module.guard.state_dict() if hasattr(pl_module, "guard") else None,
     }
@@ -106,8 +165,11 @@ def restore_layers(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) ->
             "this checkpoint was not written by adarank.AdaRankModule (no 'adarank' entry); "
             "load plain weights with adarank.load_adapter or torch instead"
         )
-    if state.get("version") != VERSION:
-        raise ValueError(f"adarank checkpoint version {state.get('version')!r}, expected {VERSION}")
+    if state.get("version") not in READABLE_VERSIONS:
+        raise ValueError(
+            f"adarank checkpoint version {state.get('version')!r}, expected one of "
+            f"{list(READABLE_VERSIONS)}"
+        )
     current = _layer_info(pl_module)
     mismatch = _describe_mismatch(state["layers"], current)
     if mismatch:
@@ -122,25 +184,88 @@ def restore_layers(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) ->
     for name, info in state["layers"].items():  # ranks are ints ≤ max_rank (shapes checked)
         if not isinstance(info.get("rank"), int) or not 0 <= info["rank"] <= layers[name].max_rank:
             raise ValueError(f"checkpoint layer {name!r}: rank {info.get('rank')!r} is invalid")
+    omitted = state.get("base") == "omitted"
+    if omitted:
+        _check_base(pl_module, state.get("base_fingerprint"))
+    saved = checkpoint.get("state_dict")
     for name, info in state["layers"].items():
         layer = layers[name]
         layer.set_rank(int(info["rank"]))
         k = int(info.get("shift_rank", 0))
-        if layer.shift_P.shape[1] != k:  # shapes only; values come from the state dict
-            layer.shift_P = torch.zeros(layer.d_out, k, device=layer.shift_P.device)
-            layer.shift_Q = torch.zeros(k, layer.d_in, device=layer.shift_Q.device)
+        if omitted and isinstance(saved, dict):
+            _restore_shift(layer, saved, name, k)
+        elif layer.shift_P.shape[1] != k:  # shapes only; values come from the state dict
+            _zero_shift(layer, k)
     return state.get("controller")
+
+
+def _zero_shift(layer, k: int) -> None:
+    layer.shift_P = torch.zeros(layer.d_out, k, device=layer.shift_P.device)
+    layer.shift_Q = torch.zeros(k, layer.d_in, device=layer.shift_Q.device)
+
+
+def _restore_shift(layer, state_dict: dict, name: str, k: int) -> None:
+    """Give the rebuilt base the checkpoint's shift (``W0 − shift_P shift_Q``).
+
+    The base weights are not in the checkpoint: the rebuilt layer keeps its weights when its
+    shift already equals the saved one (a deterministic init: bit-identical), else its own
+    shift is undone and the saved one applied.
+    """
+    from adarank.modules.adapter_io import _apply_shift
+
+    P = state_dict.get(f"{MODEL_ATTR}.{name}.shift_P")
+    Q = state_dict.get(f"{MODEL_ATTR}.{name}.shift_Q")
+    if not (torch.is_tensor(P) and torch.is_tensor(Q)) or (
+        tuple(P.shape) != (layer.d_out, k) or tuple(Q.shape) != (k, layer.d_in)
+    ):
+        if layer.shift_P.shape[1] != k:  # check_state_dict names the missing / bad tensor
+            _zero_shift(layer, k)
+        return
+    dev = layer.shift_P.device
+    P, Q = P.to(dev, layer.shift_P.dtype), Q.to(dev, layer.shift_Q.dtype)
+    same = layer.shift_P.shape == P.shape and layer.shift_Q.shape == Q.shape
+    if same and torch.equal(layer.shift_P, P) and torch.equal(layer.shift_Q, Q):
+        return
+    _apply_shift(layer, P, Q)
+
+
+def _check_base(pl_module: pl.LightningModule, record: Any) -> None:
+    """Raise if the model's original base weights differ from the checkpoint's fingerprint."""
+    if not isinstance(record, dict):
+        raise ValueError(
+            "the checkpoint omits the frozen base weights but has no 'base_fingerprint' to check "
+            "the rebuilt base against (damaged checkpoint?)"
+        )
+    if getattr(pl_module, "_adarank_verified_base", None) == record:
+        return  # already checked (the resume pre-flight, then Lightning's restore)
+    model = getattr(pl_module, MODEL_ATTR)
+    names = list(adapter_layers(model))
+    differ = differing_layers(record, model, names, "the checkpoint's adarank entry")
+    if differ:
+        shown = ", ".join(
+            f"{n!r} (‖W0‖ at training {a:.6g}, rebuilt {b:.6g})" for n, a, b in differ[:3]
+        )
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise ValueError(
+            "the base model rebuilt from the config (model.*) is not the one this checkpoint "
+            f"was trained on: {len(differ)} of {len(names)} adapted layer(s) have other "
+            f"weights: {shown}{more}. Checkpoints store only what training changes, so a "
+            "resume needs the same base weights (the same model files, dtype and seed)"
+        )
+    pl_module._adarank_verified_base = record
+    pl_module._adarank_base_fingerprint = record  # later saves record the same base
 
 
 def check_state_dict(pl_module: pl.LightningModule, state_dict: Any) -> str:
     """Differences between a checkpoint's ``state_dict`` and ``pl_module``'s ("" if none).
 
+    The frozen base parameters (:func:`frozen_keys`) may be absent: checkpoints omit them.
     Call after :func:`restore_layers` (adapter tensors are stored at their live rank).
     """
     if not isinstance(state_dict, dict):
         return f"'state_dict' is {type(state_dict).__name__}, not a mapping of tensors"
     own = pl_module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
+    missing = sorted(set(own) - set(state_dict) - frozen_keys(pl_module))
     extra = sorted(set(state_dict) - set(own))
     lines = []
     if missing:

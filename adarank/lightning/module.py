@@ -350,12 +350,32 @@ class AdaRankModule(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # only what training changes: the frozen base is rebuilt from the config on resume
+        sd = checkpoint.get("state_dict")
+        if isinstance(sd, dict):
+            checkpoint["state_dict"] = checkpointing.trainable_state_dict(self, sd)
         checkpoint[checkpointing.KEY] = checkpointing.adarank_state(self)
         checkpoint[checkpointing.RNG_KEY] = checkpointing.rng_state()
 
     @override
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load a state dict; the frozen base parameters may be absent (checkpoints omit them).
+
+        Raises:
+            ValueError: ``strict`` and any other tensor is missing, unexpected or misshapen.
+        """
+        if strict:
+            problem = checkpointing.check_state_dict(self, state_dict)
+            if problem:
+                raise ValueError(f"state dict does not match the model: {problem}")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_controller_state = checkpointing.restore_layers(self, checkpoint)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # restored before DDP wraps the module (after setup): rank-0 layers stay out of it
+            distributed.ignore_empty_parameters(self)
         self.guard.load_state_dict(checkpoint[checkpointing.KEY].get("guard"))
         self._pending_rng_state = checkpoint.get(checkpointing.RNG_KEY)
 

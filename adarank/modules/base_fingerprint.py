@@ -37,7 +37,14 @@ from torch import nn
 
 from adarank.modules.svd_lora import SVDLoRALinear, is_conv1d, linear_shape
 
-__all__ = ["METHOD", "N_PROBES", "TOLERANCE", "base_fingerprint", "check_base_fingerprint"]
+__all__ = [
+    "METHOD",
+    "N_PROBES",
+    "TOLERANCE",
+    "base_fingerprint",
+    "check_base_fingerprint",
+    "differing_layers",
+]
 
 METHOD = "rademacher-probes-v1"
 N_PROBES = 4
@@ -186,6 +193,35 @@ def _recorded_layer(record: dict, name: str, where: str) -> dict:
     return entry
 
 
+def differing_layers(
+    record: dict, model: nn.Module, names: list[str], where: str | os.PathLike
+) -> list[tuple[str, float, float]]:
+    """The layers of ``names`` whose original base weight in ``model`` differs from ``record``.
+
+    Args:
+        record: a :func:`base_fingerprint` result.
+        model: the model to compare.
+        names: the layers to compare (they must all be in ``record``).
+        where: the file the record comes from, named in messages.
+
+    Returns:
+        ``[(name, recorded ‖W0‖_F, current ‖W0‖_F)]`` for each layer beyond the tolerance.
+
+    Raises:
+        ValueError: a malformed record.
+    """
+    differ = []
+    with torch.no_grad():
+        for name in names:
+            entry = _recorded_layer(record, name, str(where))
+            mine = _layer_record(model.get_submodule(name))
+            tol = _tolerance(entry, mine, *linear_shape(_base(model.get_submodule(name))))
+            gap = max(abs(a - b) for a, b in zip(entry["probes"], mine["probes"]))
+            if not gap <= tol:  # also catches NaN
+                differ.append((name, float(entry["norm"]), mine["norm"]))
+    return differ
+
+
 def check_base_fingerprint(
     record: dict, model: nn.Module, names: list[str], where: str | os.PathLike
 ) -> None:
@@ -201,14 +237,7 @@ def check_base_fingerprint(
         ValueError: a malformed record, or base weights that differ (layers, recorded and
             current norms named, with how to opt out).
     """
-    differ = []
-    for name in names:
-        entry = _recorded_layer(record, name, str(where))
-        mine = _layer_record(model.get_submodule(name))
-        tol = _tolerance(entry, mine, *linear_shape(_base(model.get_submodule(name))))
-        gap = max(abs(a - b) for a, b in zip(entry["probes"], mine["probes"]))
-        if not gap <= tol:  # also catches NaN
-            differ.append((name, float(entry["norm"]), mine["norm"]))
+    differ = differing_layers(record, model, names, where)
     if differ:
         shown = ", ".join(
             f"{n!r} (‖W0‖ recorded {a:.6g}, this model {b:.6g})" for n, a, b in differ[:3]

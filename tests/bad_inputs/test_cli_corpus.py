@@ -560,6 +560,26 @@ RUN_CASES = [
         run_setup=_edit_ckpt(lambda c: c["state_dict"].pop(sorted(c["state_dict"])[0])),
     ),
     Case(
+        "resume_ckpt_other_base",
+        [*RES, "trainer.max_steps=9"],
+        r"base model rebuilt from the config \(model\.\*\) is not the one this checkpoint was "
+        r"trained on: 1 of 2 adapted layer\(s\) have other weights: 'blocks\.1'",
+        run_setup=_edit_ckpt(
+            lambda c: c["adarank"]["base_fingerprint"]["layers"]["blocks.1"].update(
+                probes=[
+                    v + 0.5
+                    for v in c["adarank"]["base_fingerprint"]["layers"]["blocks.1"]["probes"]
+                ]
+            )
+        ),
+    ),
+    Case(
+        "resume_ckpt_no_fingerprint",
+        [*RES, "trainer.max_steps=9"],
+        r"omits the frozen base weights but has no 'base_fingerprint'",
+        run_setup=_edit_ckpt(lambda c: c["adarank"].pop("base_fingerprint")),
+    ),
+    Case(
         "resume_ckpt_step",
         [*RES, "trainer.max_steps=9"],
         r"global_step='x' is not a step count",
