@@ -16,6 +16,11 @@ last finite step), 2 bad input (config, data, budget, schedule, checkpoint) — 
 any file is written. ``validate`` runs the same checks as ``fit`` (it builds the data and the
 model) and writes nothing. A rejected ``--resume`` leaves the run untouched; ``--resume`` of a
 run that stopped before its first checkpoint restarts it from step 0.
+
+``trainer.strategy=ddp trainer.devices=N`` trains in N processes: Lightning starts the others by
+running the same command line, and they join the run directory of the first
+(:mod:`adarank.runs_ddp`); only the first writes and reports, every process exits with the same
+code.
 """
 
 from __future__ import annotations
@@ -124,12 +129,15 @@ def _report(summary: dict) -> None:
         print(f"adarank fit: warning: {warning}", file=sys.stderr)
 
 
-def _cmd_fit(args: argparse.Namespace) -> int:
-    from adarank.lightning.divergence import TrainingDiverged
-    from adarank.runs import execute, prepare, prepare_resume
+def _prepare_fit(args: argparse.Namespace):
+    """The run to train: joined (a process launched for DDP), resumed, or new."""
+    from adarank.runs import prepare, prepare_resume
+    from adarank.runs_ddp import join_request, prepare_join, process_index
 
-    if args.print_config:
-        return _print_config(args)
+    joining = join_request()
+    if joining is not None:  # launched by process 0 of `fit`: its command line is ours
+        args.command = f"fit (process {process_index()})"  # names this process in errors
+        return prepare_join(joining)
     if args.resume is not None:
         overrides = ([args.recipe] if args.recipe else []) + list(args.overrides)
         prepared = prepare_resume(args.resume, overrides)
@@ -139,34 +147,48 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                 "from step 0 (the outputs of the stopped attempt are replaced)",
                 file=sys.stderr,
             )
-    else:
-        if not args.recipe:
-            raise _UsageError("fit: give a RECIPE (path or shipped name) or --resume RUN_DIR")
-        prepared = prepare(args.recipe, args.overrides)
+        return prepared
+    if not args.recipe:
+        raise _UsageError("fit: give a RECIPE (path or shipped name) or --resume RUN_DIR")
+    return prepare(args.recipe, args.overrides)
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from adarank.lightning.divergence import TrainingDiverged
+    from adarank.runs import execute
+
+    if args.print_config:
+        return _print_config(args)
+    prepared = _prepare_fit(args)
+    main_process = not prepared.joined  # the others leave the reports to process 0
     try:
         summary = execute(prepared)
     except TrainingDiverged as err:
-        print(
-            f"adarank fit: training failed at step {err.step}: {err.reason}\n"
-            f"  adapter (last finite step): {prepared.run_dir}/adapter\n"
-            f"  details: {prepared.run_dir}/summary.json",
-            file=sys.stderr,
-        )
+        if main_process:
+            print(
+                f"adarank fit: training failed at step {err.step}: {err.reason}\n"
+                f"  adapter (last finite step): {prepared.run_dir}/adapter\n"
+                f"  details: {prepared.run_dir}/summary.json",
+                file=sys.stderr,
+            )
         return EXIT_FAILED
     except KeyboardInterrupt:
+        if main_process:
+            print(
+                f"\nadarank fit: interrupted; continue with `adarank fit --resume "
+                f"{prepared.run_dir}`",
+                file=sys.stderr,
+            )
+        return EXIT_FAILED
+    except Exception as err:  # reported here and recorded in summary.json (by process 0)
+        details = f"\n  details: {prepared.run_dir}/summary.json" if main_process else ""
         print(
-            f"\nadarank fit: interrupted; continue with `adarank fit --resume {prepared.run_dir}`",
+            f"adarank {args.command}: training failed: {type(err).__name__}: {err}{details}",
             file=sys.stderr,
         )
         return EXIT_FAILED
-    except Exception as err:  # reported here and recorded in summary.json
-        print(
-            f"adarank fit: training failed: {type(err).__name__}: {err}\n"
-            f"  details: {prepared.run_dir}/summary.json",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
-    _report(summary)
+    if main_process:
+        _report(summary)
     return EXIT_OK
 
 

@@ -79,6 +79,8 @@ class Prepared:
     Attributes:
         restart: the run directory holds an attempt that stopped before its first checkpoint;
             :func:`execute` removes that attempt's outputs (:data:`ATTEMPT_OUTPUTS`) first.
+        joined: this process was launched by process 0 of a multi-process run and joins its
+            run directory without writing to it (see :mod:`adarank.runs_ddp`).
     """
 
     config: DictConfig
@@ -90,6 +92,7 @@ class Prepared:
     init_report: dict = field(default_factory=dict)
     ckpt_path: Path | None = None
     restart: bool = False
+    joined: bool = False
 
 
 @contextlib.contextmanager
@@ -183,6 +186,9 @@ def _clear_attempt(run_dir: Path) -> None:
 def execute(p: Prepared) -> dict[str, Any]:
     """Create the run directory, train, save the adapter and write ``summary.json``.
 
+    With several processes (DDP) only process 0 writes; the others join the run (see
+    :mod:`adarank.runs_ddp`) and return the same summary.
+
     Returns:
         the summary (status "ok").
 
@@ -194,56 +200,82 @@ def execute(p: Prepared) -> dict[str, Any]:
     """
     from adarank.config.trainer import build_trainer
     from adarank.lightning.divergence import TrainingDiverged
-    from adarank.modules import save_adapter
+    from adarank.runs_ddp import announce, barrier
 
-    if p.restart:
-        _clear_attempt(p.run_dir)
-    p.run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(p.run_dir / CONFIG_NAME, OmegaConf.to_yaml(p.config, resolve=True))
-    if hasattr(p.data, "save_labels"):
-        p.data.save_labels(p.run_dir / LABELS_NAME)
+    if not p.joined:
+        if p.restart:
+            _clear_attempt(p.run_dir)
+        p.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(p.run_dir / CONFIG_NAME, OmegaConf.to_yaml(p.config, resolve=True))
+        if hasattr(p.data, "save_labels"):
+            p.data.save_labels(p.run_dir / LABELS_NAME)
     start = time.perf_counter()
     trainer = None
     try:
         trainer = build_trainer(p.config, p.run_dir)
         ckpt = str(p.ckpt_path) if p.ckpt_path else None
-        trainer.fit(p.module, datamodule=p.data, ckpt_path=ckpt, weights_only=True)
-        trainer.save_checkpoint(p.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        with announce(p):  # processes launched by trainer.fit join this run directory
+            trainer.fit(p.module, datamodule=p.data, ckpt_path=ckpt, weights_only=True)
+        summary = _finish(p, trainer, start)
+    except TrainingDiverged as err:
+        if _writes(p, trainer):
+            summary = diverged_summary(p, trainer, err, time.perf_counter() - start)
+            write_json(p.run_dir / SUMMARY_NAME, summary)
+        barrier(trainer)  # every process stops at the same step
+        raise
+    except BaseException as err:
+        if _writes(p, trainer):
+            _write_stopped(p, trainer, err, start)
+        stopped = isinstance(err, SystemExit) and getattr(trainer, "interrupted", False)
+        if stopped:  # Lightning turns Ctrl-C into sys.exit(1) after marking the trainer
+            raise KeyboardInterrupt from err
+        raise
+    finally:
+        _finish_wandb()
+    if _writes(p, trainer):
+        write_json(p.run_dir / SUMMARY_NAME, summary)
+    barrier(trainer)
+    if summary["status"] != "ok":
+        raise TrainingDiverged(summary["steps"], summary["reason"])
+    return summary
+
+
+def _writes(p: Prepared, trainer: Any) -> bool:
+    """Whether this process writes the run's files (process 0 only)."""
+    return not p.joined and (trainer is None or trainer.is_global_zero)
+
+
+def _finish(p: Prepared, trainer: Any, start: float) -> dict[str, Any]:
+    """Final checkpoint, adapter and rank files (process 0), final validation (all)."""
+    from adarank.modules import save_adapter
+
+    # collective under DDP: every process calls it, process 0 writes
+    trainer.save_checkpoint(p.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    if _writes(p, trainer):
         save_adapter(
             p.model,
             p.run_dir / "adapter",
             metadata={"recipe": str(p.config.run.name), "step": int(trainer.global_step)},
         )
         fixed_rank_files(p, int(trainer.global_step))
-        summary = final_summary(p, trainer, time.perf_counter() - start)
-    except TrainingDiverged as err:
-        summary = diverged_summary(p, trainer, err, time.perf_counter() - start)
-        write_json(p.run_dir / SUMMARY_NAME, summary)
-        raise
-    except BaseException as err:
-        # Lightning turns Ctrl-C into sys.exit(1) after marking the trainer interrupted
-        stopped = isinstance(err, KeyboardInterrupt) or (
-            isinstance(err, SystemExit) and getattr(trainer, "interrupted", False)
-        )
-        summary = {
-            **summary_base(p),
-            "status": "interrupted" if stopped else "failed",
-            "error": "interrupted (Ctrl-C)" if stopped else f"{type(err).__name__}: {err}",
-            "steps": None if trainer is None else int(trainer.global_step),
-            "wall_s": round(time.perf_counter() - start, 2),
-        }
-        if not stopped:
-            summary["traceback"] = traceback.format_exc(limit=20)[-4000:]
-        write_json(p.run_dir / SUMMARY_NAME, summary)
-        if stopped and not isinstance(err, KeyboardInterrupt):
-            raise KeyboardInterrupt from err
-        raise
-    finally:
-        _finish_wandb()
+    return final_summary(p, trainer, time.perf_counter() - start)
+
+
+def _write_stopped(p: Prepared, trainer: Any, err: BaseException, start: float) -> None:
+    """The summary of a run stopped by Ctrl-C ("interrupted") or an error ("failed")."""
+    stopped = isinstance(err, KeyboardInterrupt) or (
+        isinstance(err, SystemExit) and getattr(trainer, "interrupted", False)
+    )
+    summary = {
+        **summary_base(p),
+        "status": "interrupted" if stopped else "failed",
+        "error": "interrupted (Ctrl-C)" if stopped else f"{type(err).__name__}: {err}",
+        "steps": None if trainer is None else int(trainer.global_step),
+        "wall_s": round(time.perf_counter() - start, 2),
+    }
+    if not stopped:
+        summary["traceback"] = traceback.format_exc(limit=20)[-4000:]
     write_json(p.run_dir / SUMMARY_NAME, summary)
-    if summary["status"] != "ok":
-        raise TrainingDiverged(summary["steps"], summary["reason"])
-    return summary
 
 
 def _finish_wandb() -> None:
