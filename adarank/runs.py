@@ -117,6 +117,7 @@ def preflight(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None = None) -> 
     import lightning
 
     from adarank.config.trainer import check_trainer
+    from adarank.runs_ddp import check_strategy
 
     lightning.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
     with _stage("data"):
@@ -131,6 +132,7 @@ def preflight(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None = None) -> 
     with _stage("data"):
         total = estimate_total_steps(cfg, data)
     check_feasible(cfg, module, total)
+    check_strategy(cfg, allocation=module.param_budget is not None)
     check_trainer(cfg, run_dir)
     return Prepared(cfg, run_dir, data, model, module, total, init_report, ckpt_path)
 

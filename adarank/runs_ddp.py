@@ -20,7 +20,11 @@ command line of process 0 again with ``LOCAL_RANK``, ``NODE_RANK``, ``WORLD_SIZE
   process 0 has finished writing (Lightning kills every process as soon as a launched one exits
   with a non-zero code, which also keeps process 0 from waiting forever on a failed one).
 
-Exit codes are the same in every process: 0 success, 1 failed run, 2 bad input.
+Exit codes are the same in every process: 0 success, 1 failed run, 2 bad input. Strategies that
+start their processes with ``multiprocessing`` (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``)
+hand only the weights of process 0 back to the first process, which cannot follow the ranks
+the others allocated, and sharded strategies (FSDP, DeepSpeed) cannot follow parameters that
+change shape: :func:`check_strategy` refuses both in the pre-flight (exit code 2).
 """
 
 from __future__ import annotations
@@ -37,7 +41,15 @@ from adarank.config import ConfigError
 if TYPE_CHECKING:
     from adarank.runs import Prepared
 
-__all__ = ["JOIN_ENV", "announce", "barrier", "join_request", "prepare_join", "process_index"]
+__all__ = [
+    "JOIN_ENV",
+    "announce",
+    "barrier",
+    "check_strategy",
+    "join_request",
+    "prepare_join",
+    "process_index",
+]
 
 #: environment variable through which process 0 tells launched processes which run to join
 JOIN_ENV = "ADARANK_DDP_JOIN"
@@ -50,6 +62,39 @@ def process_index() -> int:
         return int(value)
     except ValueError:
         raise ConfigError(f"environment LOCAL_RANK={value!r}: expected an integer") from None
+
+
+def check_strategy(cfg: Any, allocation: bool) -> None:
+    """Refuse a ``trainer.strategy`` that ``adarank fit`` cannot run (see the module docstring).
+
+    Names that Lightning does not register (``"auto"``, custom strategies) are left to the
+    check of :func:`adarank.lightning.checkpointing.check_strategy` at setup.
+
+    Raises:
+        ConfigError: a multiprocessing strategy, or a sharded one with rank allocation.
+    """
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+
+    name = (cfg.get("trainer") or {}).get("strategy", "auto")
+    if not isinstance(name, str) or name not in StrategyRegistry:
+        return
+    entry = StrategyRegistry[name]
+    method = entry.get("init_params", {}).get("start_method", "popen")
+    if method != "popen":
+        fixed = name.replace(f"ddp_{method}", "ddp").replace("ddp_notebook", "ddp")
+        raise ConfigError(
+            f"trainer.strategy={name!r} starts its processes with multiprocessing ({method}), "
+            "which hands only the weights back to the first process: use "
+            f"trainer.strategy={fixed!r} (the same training; adarank fit starts the other "
+            "processes by running its command line again)"
+        )
+    if allocation and not issubclass(entry["strategy"], (DDPStrategy, SingleDeviceStrategy)):
+        raise ConfigError(
+            f"trainer.strategy={name!r}: rank allocation (adapter.budget set) replaces adapter "
+            "parameters during training, which sharded strategies (FSDP, DeepSpeed) cannot "
+            "follow; use trainer.strategy=ddp (adapters are small, so replicating them costs "
+            "little), or train at fixed ranks (allocation.enabled=false)"
+        )
 
 
 def join_request() -> dict[str, Any] | None:

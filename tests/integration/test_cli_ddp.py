@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,27 @@ def test_ddp_bad_input_exits_before_any_process_starts(tmp_path: Path) -> None:
     assert "adapter.budget" in proc.stderr
     assert "Initializing distributed" not in proc.stdout + proc.stderr
     assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "message"),
+    [
+        ("ddp_spawn", r"trainer.strategy='ddp_spawn' starts its processes with multiprocessing"),
+        ("ddp_fork_find_unused_parameters_true", r"use trainer.strategy='ddp_find_unused_"),
+        ("fsdp", r"trainer.strategy='fsdp'"),
+    ],
+)
+def test_strategies_fit_cannot_run_are_refused_in_the_preflight(
+    strategy: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from adarank.cli import main
+
+    monkeypatch.setenv("ADARANK_CACHE_DIR", str(tmp_path / "cache"))
+    argv = [
+        *PLANTED,
+        f"trainer.strategy={strategy}",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+    ]
+    assert main(["validate", *argv, f"run.dir={tmp_path / 'run'}"]) == 2
+    assert re.search(message, capsys.readouterr().err)
