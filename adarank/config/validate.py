@@ -43,6 +43,7 @@ from adarank.config.schema import (
 from adarank.config.validate_values import (
     nonfinite_problems,
     optimizer_problems,
+    quantization_config_problems,
     target_module_problems,
     trainer_value_problems,
 )
@@ -252,6 +253,7 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
         problems += check_arguments(node, section)
     if isinstance(plain.get("model"), Mapping):
         problems += _model_problems(plain["model"])
+    problems += quantization_config_problems(plain)
     if isinstance(plain.get("data"), Mapping) and COMPONENT_KEY in plain["data"]:
         problems += _data_file_problems(plain["data"])
     adapter = plain.get("adapter") or {}

@@ -13,6 +13,7 @@ from typing import Any
 __all__ = [
     "nonfinite_problems",
     "optimizer_problems",
+    "quantization_config_problems",
     "target_module_problems",
     "trainer_value_problems",
 ]
@@ -91,3 +92,26 @@ def optimizer_problems(opt: Mapping, optimizers: tuple[str, ...]) -> list[str]:
     if isinstance(skips, int) and skips < 0:
         problems.append(f"optimizer.max_skipped_steps={skips!r}: expected an integer ≥ 0")
     return problems
+
+
+def quantization_config_problems(cfg: Mapping) -> list[str]:
+    """``model.quantization``: this machine, the model source, ``adapter.init`` and the trainer.
+
+    A value that is not one of the allowed ones is left to the type check of the builder's
+    signature; see :func:`adarank.models.quantization.quantization_problems`.
+    """
+    model = cfg.get("model")
+    if not isinstance(model, Mapping) or model.get("quantization") is None:
+        return []
+    from adarank.models.quantization import QUANTIZATIONS, quantization_problems
+
+    if model["quantization"] not in QUANTIZATIONS:
+        return []
+    adapter, trainer = cfg.get("adapter"), cfg.get("trainer")
+    return quantization_problems(
+        model["quantization"],
+        name_or_path=model.get("name_or_path"),
+        gguf_file=model.get("gguf_file"),
+        init=adapter.get("init") if isinstance(adapter, Mapping) else None,
+        accelerator=trainer.get("accelerator") if isinstance(trainer, Mapping) else None,
+    )

@@ -44,6 +44,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16", "float16"),
+        help="--format merged: dtype of the written weights (default: the base's; a quantized "
+        "base is dequantized into model.dtype)",
+    )
+    parser.add_argument(
         "--task-type",
         default=None,
         help="PEFT task type recorded with --format peft (SEQ_CLS, CAUSAL_LM, ...); default: "
@@ -67,8 +74,12 @@ def export_run(
     *,
     overwrite: bool = False,
     task_type: str | None = None,
+    dtype: str | None = None,
 ) -> Path:
     """Export the final adapter of ``run_dir`` in format ``fmt`` to ``out``.
+
+    ``dtype`` (merged only): dtype of the written weights; a quantized base is dequantized
+    into it (see :func:`adarank.export.merged.merge_and_unwrap`).
 
     Raises:
         ValueError: unknown format, or the run has no adapter.
@@ -76,6 +87,8 @@ def export_run(
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}; expected one of {FORMATS}")
+    if dtype is not None and fmt != "merged":
+        raise ValueError(f"--dtype {dtype}: applies to --format merged only, not {fmt!r}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
@@ -95,7 +108,9 @@ def export_run(
     model = run.model
     if fmt == "merged":
         tokenizer = getattr(run, "tokenizer", None)
-        return export_merged(model, out, tokenizer=tokenizer, overwrite=overwrite, inplace=True)
+        return export_merged(
+            model, out, tokenizer=tokenizer, overwrite=overwrite, inplace=True, dtype=dtype
+        )
     if task_type is None:
         task_type = PEFT_TASK_TYPES.get(getattr(run, "task", None))
     name = _base_name(run)
@@ -153,7 +168,12 @@ def run_export(args: argparse.Namespace) -> int:
     """Handler of ``adarank export``; returns the process exit code (0, or 2 for bad input)."""
     try:
         path = export_run(
-            args.run_dir, args.format, args.out, overwrite=args.overwrite, task_type=args.task_type
+            args.run_dir,
+            args.format,
+            args.out,
+            overwrite=args.overwrite,
+            task_type=args.task_type,
+            dtype=args.dtype,
         )
     except _USER_ERRORS as err:
         print(f"adarank export: error: {err}", file=sys.stderr)

@@ -11,7 +11,9 @@
       byte-level tokenizer built in code: no files, no network, deterministic given ``seed`` (so
       a run directory can rebuild the same frozen base);
     * any local model directory or hub id understood by ``transformers.Auto*.from_pretrained``,
-      optionally with a ``gguf_file`` inside it.
+      optionally with a ``gguf_file`` inside it;
+    * with ``quantization="4bit" | "8bit"`` a model directory or hub id is loaded with its linear
+      layers quantized by bitsandbytes (CUDA; see :mod:`adarank.models.quantization`).
 
 Heads: ``task="sequence_classification"`` (``AutoModelForSequenceClassification``, classifier
 freshly initialised) or ``task="causal_lm"`` (``AutoModelForCausalLM``).
@@ -35,6 +37,7 @@ from adarank.models.llm import (
     resolve_gguf_builtin,
     tiny_llama_config,
 )
+from adarank.models.quantization import QuantizationName, bnb_config, check_quantization
 
 __all__ = [
     "BUILTIN_HUB_IDS",
@@ -247,6 +250,9 @@ def _load(
     )
     if task == "sequence_classification":
         kwargs["num_labels"] = num_labels
+    if options.get("quantization") is not None:
+        compute_dtype = DTYPES[options["dtype"]]
+        kwargs["quantization_config"] = bnb_config(options["quantization"], compute_dtype)
     return auto.from_pretrained(path, **kwargs), gguf is not None
 
 
@@ -261,6 +267,7 @@ def build_hf_model(
     trust_remote_code: bool = False,
     gguf_file: str | None = None,
     gradient_checkpointing: bool = False,
+    quantization: QuantizationName | None = None,
 ) -> nn.Module:
     """Build a transformers model with a task head.
 
@@ -280,13 +287,18 @@ def build_hf_model(
         gguf_file: load the weights from this GGUF file inside ``name_or_path`` (dequantised).
         gradient_checkpointing: recompute each block's activations in the backward pass
             (non-reentrant; see :func:`adarank.models.llm.enable_gradient_checkpointing`).
+        quantization: ``"4bit"`` (NF4, double-quantized, computing in ``dtype``) or ``"8bit"``
+            (LLM.int8()) to load the linear layers quantized by bitsandbytes onto the GPU
+            (needs CUDA and ``pip install 'adarank[quant]'``; a model directory or hub id, not
+            a built-in or GGUF file). None: unquantized.
 
     Returns:
         the model in eval mode with ``config.pad_token_id`` set.
 
     Raises:
         ValueError: an unknown task/dtype, ``num_labels < 2``, a path or GGUF file that does not
-            exist, a value of the wrong type (each naming ``model.<key>``).
+            exist, a value of the wrong type, a quantization this machine or model cannot do
+            (each naming ``model.<key>``).
     """
     if task not in TASKS:
         raise ValueError(f"model.task={task!r}: expected one of {list(TASKS)}")
@@ -303,6 +315,7 @@ def build_hf_model(
         trust_remote_code=trust_remote_code,
         gguf_file=gguf_file,
     )
+    check_quantization(quantization, name_or_path=name_or_path, gguf_file=gguf_file)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = (
@@ -316,6 +329,7 @@ def build_hf_model(
         revision=revision,
         trust_remote_code=trust_remote_code,
         gguf_file=gguf_file,
+        quantization=quantization,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

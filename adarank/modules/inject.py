@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from adarank.modules.svd_lora import SVDLoRALinear, is_conv1d, linear_shape
+from adarank.modules.svd_lora import SVDLoRALinear, is_conv1d, is_quantized, linear_shape
 
 __all__ = [
     "ADAPTER_DTYPES",
@@ -315,7 +315,18 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """``{"adapter": live adapter params, "saved": modules_to_save params, "base": frozen base}``."""
+    """``{"adapter": live adapter params, "saved": modules_to_save params, "base": frozen base}``.
+
+    A quantized linear layer (:func:`~adarank.modules.svd_lora.is_quantized`, e.g. a
+    bitsandbytes ``Linear4bit`` whose weight packs two 4-bit values per byte) counts its
+    unquantized ``d_out · d_in`` weight parameters, so percentage budgets mean the same with and
+    without quantization.
+    """
+    logical = {
+        id(m.weight): m.out_features * m.in_features
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and is_quantized(m)
+    }
     layers = adapter_layers(model)
     adapter = sum(layer.live_params for layer in layers.values())
     adapter_ids = {
@@ -324,7 +335,10 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     saved = sum(
         p.numel() for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids
     )
-    base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids) - saved
+    base = sum(
+        logical.get(id(p), p.numel()) for p in model.parameters() if id(p) not in adapter_ids
+    )
+    base -= saved
     return {"adapter": adapter, "saved": saved, "base": base}
 
 

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["SVDLoRALinear", "in_backward_pass", "is_conv1d", "linear_shape"]
+__all__ = ["SVDLoRALinear", "in_backward_pass", "is_conv1d", "is_quantized", "linear_shape"]
 
 #: default cap on the tokens of one forward that enter the captured gradient (None: all)
 CAPTURE_MAX_TOKENS = 1024
@@ -72,8 +72,26 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """True for a linear layer whose weight is stored quantized (bitsandbytes ``Linear4bit`` /
+    ``Linear8bitLt``, recognised without importing bitsandbytes).
+
+    Such a weight has a ``quant_state`` (packed 4-bit codes) or ``SCB`` (int8 row scales)
+    attribute, or a non-floating dtype; its tensor shape is not the layer's ``(d_out, d_in)``.
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return False
+    return (
+        hasattr(weight, "quant_state") or hasattr(weight, "SCB") or not weight.is_floating_point()
+    )
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """Return ``(d_out, d_in)`` of an ``nn.Linear`` or ``Conv1D``.
+
+    For a quantized ``nn.Linear`` subclass (:func:`is_quantized`) this is the logical shape
+    (``out_features``, ``in_features``), not that of the packed weight tensor.
 
     Raises:
         TypeError: if the module is neither.
@@ -227,10 +245,27 @@ class SVDLoRALinear(nn.Module):
         return out + delta.to(out.dtype)
 
     # ------------------------------------------------------------------ merge
+    def _check_dense_base(self, what: str, instead: str) -> None:
+        if is_quantized(self.base_layer):
+            raise TypeError(
+                f"cannot {what} the quantized base weight of this layer "
+                f"({type(self.base_layer).__name__}, d_out={self.d_out}, d_in={self.d_in}): "
+                f"it would be rounded back to the quantized format; {instead}"
+            )
+
     def merge(self) -> None:
-        """Fold ΔW into the base weight (no-op if already merged)."""
+        """Fold ΔW into the base weight (no-op if already merged).
+
+        Raises:
+            TypeError: the base weight is quantized (:func:`is_quantized`).
+        """
         if self.merged:
             return
+        self._check_dense_base(
+            "merge ΔW into",
+            "export a merged model instead (adarank export RUN --format merged, or "
+            "adarank.export.merge_and_unwrap), which dequantizes the base first",
+        )
         if self.rank:
             self._add_to_base(self.delta_weight(), +1.0)
         self.merged = True
@@ -257,6 +292,10 @@ class SVDLoRALinear(nn.Module):
         original weight. The shift is recorded and saved with the adapter.
         """
         self._check_resizable("shift the base of")
+        self._check_dense_base(
+            "shift",
+            "use an init that leaves the base alone (adapter.init: lora, activations, gradient)",
+        )
         if P0.shape[0] != self.d_out or Q0.shape[1] != self.d_in or P0.shape[1] != Q0.shape[0]:
             raise ValueError(
                 f"shift factors must be (d_out={self.d_out}, k) and (k, d_in={self.d_in}), "
