@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Quality at equal parameter budget: adarank vs PEFT LoRA vs PEFT AdaLoRA (MiniLM, Rotten Tomatoes).
 
-Reduced protocol (REFERENCE §6 is ~5 min per run on 2 cores; this one is ~1 min on one thread):
+Reduced protocol (the full-length one, 10,808 snippets × 337 steps, is ~5 min per run on 2 cores;
+this one is ~1 min on one thread):
 pretrained MiniLM-L6, fresh-vs-rotten snippets, a fixed seeded subset of ``--n-train`` training and
 ``--n-val`` validation snippets, ``--max-length`` tokens, batch ``--batch-size``, one epoch, AdamW
 (no weight decay) with 6% warm-up and linear decay, adapters on the 36 query/key/value/attention-

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-# never touch the network from tests (REFERENCE §5: online W&B without a network hangs ~100 s)
+# never touch the network from tests (online W&B without a network hangs ~100 s)
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",

@@ -94,8 +94,8 @@ class BudgetSchedule:
     init_budget: int | None = None
     warmup_steps: int | None = None
     final_steps: int | None = None
-    decay: str = "cubic"
-    interval: int = 10
+    decay: str = SCHEDULE_DEFAULTS["decay"]
+    interval: int = SCHEDULE_DEFAULTS["interval"]
     min_budget: int = 0
     max_budget: int | None = None
     grow_cooldown: int | None = None
@@ -113,15 +113,19 @@ class BudgetSchedule:
             raise ValueError(f"decay={self.decay!r}: expected one of {DECAYS}")
         init = self.init_budget
         if init is None:
-            init = self.final_budget if self.decay == "constant" else int(1.5 * self.final_budget)
+            ratio = SCHEDULE_DEFAULTS["init_budget_ratio"]
+            init = self.final_budget if self.decay == "constant" else int(ratio * self.final_budget)
         _int("init_budget", init, 1)
         if init < self.final_budget:
             raise ValueError(
                 f"init_budget={init} is below final_budget={self.final_budget}: the budget "
                 "schedule only decays (growth redistributes within it)"
             )
-        warm = round(0.1 * self.total_steps) if self.warmup_steps is None else self.warmup_steps
-        final = round(0.2 * self.total_steps) if self.final_steps is None else self.final_steps
+        warm, final = self.warmup_steps, self.final_steps
+        if warm is None:
+            warm = round(SCHEDULE_DEFAULTS["warmup_frac"] * self.total_steps)
+        if final is None:
+            final = round(SCHEDULE_DEFAULTS["final_frac"] * self.total_steps)
         _int("warmup_steps", warm, 0)
         _int("final_steps", final, 0)
         if warm + final >= self.total_steps:

@@ -1,4 +1,4 @@
-r"""Growth candidates from the gradient of ΔW (REFERENCE §2, "a new triplet added with λ = 0").
+r"""Growth candidates from the gradient of ΔW: new triplets added with λ = 0 (docs/theory.md §Growth).
 
 For a new triplet (u, λ=0, v) the gradient of the loss w.r.t. λ is ``s · uᵀ G v`` where
 ``G = ∂L/∂W`` (d_out × d_in). The directions that most reduce the loss per unit of λ are the top

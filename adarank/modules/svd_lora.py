@@ -19,7 +19,7 @@ Init (default): λ = 0 and P, Q with orthonormal columns/rows (a random orthogon
 so the output at init equals the base output exactly and every triplet starts with unit-norm
 directions. With Adam, λ then moves at about ``lr`` per step in units of singular value,
 which keeps the usable learning-rate band wide (AdaLoRA's std-0.02 init makes the λ-gradients
-tiny, REFERENCE §6).
+tiny; docs/theory.md §Scaling).
 
 Statistics for the allocator (kept here because only the forward sees the inputs):
     * ``z_sq_sum`` — Σ over tokens of ``(Q x)²`` per live slot, i.e. the input energy along
