@@ -160,6 +160,7 @@ def test_export_command_publishes_budget_figure_and_hub_id(make_adapted, tmp_pat
                 out=str(tmp_path / "p"),
                 overwrite=False,
                 task_type=None,
+                dtype=None,
             )
         )
     finally:
