@@ -32,6 +32,7 @@ from adarank.models.llm import (
     DTYPES,
     GGUF_BUILTINS,
     DtypeName,
+    drop_dequantized_gguf_marker,
     enable_gradient_checkpointing,
     pretrained_kwargs,
     resolve_gguf_builtin,
@@ -341,6 +342,7 @@ def build_hf_model(
                 raise ValueError(msg) from err
             raise
     if needs_cast:
+        drop_dequantized_gguf_marker(model)  # GGUF weights arrive dequantized: a plain model
         model = model.to(DTYPES[dtype])
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id

@@ -24,6 +24,7 @@ __all__ = [
     "GGUF_BUILTINS",
     "DtypeName",
     "GGUFBuiltin",
+    "drop_dequantized_gguf_marker",
     "enable_gradient_checkpointing",
     "pretrained_kwargs",
     "resolve_gguf_builtin",
@@ -160,6 +161,27 @@ def pretrained_kwargs(
     if trust_remote_code:
         out["trust_remote_code"] = True
     return out
+
+
+def drop_dequantized_gguf_marker(model: nn.Module) -> bool:
+    """Forget the GGUF "quantizer" of a model whose GGUF weights were dequantized at load.
+
+    transformers keeps a GGUF quantizer on every model read from a GGUF file, even when the
+    weights were unpacked into ordinary float tensors; ``save_pretrained`` (merged export) and
+    ``Trainer`` then refuse the model as "quantized". When every parameter is a float tensor
+    nothing is packed any more, so the marker is dropped. Returns whether it was.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if getattr(method, "value", method) != "gguf":
+        return False
+    if not all(p.is_floating_point() for p in model.parameters()):
+        return False  # GGUF blocks kept packed: a real quantized model
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return True
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

@@ -45,3 +45,15 @@ def test_smollm2_answers_a_chat_question_and_fits_the_llama_preset(smollm2) -> N
     layers = add_adapters(model, llama, 1, seed=0)
     assert set(layers) == set(every_linear)
     assert sum(layer.triplet_cost for layer in layers.values()) == 305_490
+
+
+def test_smollm2_is_a_plain_model_after_dequantizing(smollm2, tmp_path) -> None:
+    """The GGUF weights are unpacked at load: merged export (save_pretrained) and the Hugging
+    Face Trainer must not refuse the model as "quantized"."""
+    model, _ = smollm2
+    assert not getattr(model, "is_quantized", False)
+    assert getattr(model, "hf_quantizer", None) is None
+    assert getattr(model.config, "quantization_config", None) is None
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    model.config.save_pretrained(tmp_path)  # what save_pretrained writes next to the weights
+    assert "quantization_config" not in (tmp_path / "config.json").read_text()
