@@ -111,7 +111,10 @@ def _check_hf_trainer(ns: dict) -> None:
 
 # ----------------------------------------------------------------------------- TRL
 def _trl_sft(ctx) -> dict:
+    import pytest
     from datasets import Dataset
+
+    pytest.importorskip("trl")  # in the dev extra; a plain install may lack it
 
     from adarank.models import build_hf_model
 
