@@ -79,16 +79,18 @@ def _linear_dims(model) -> dict[str, tuple[int, int]]:
     }
 
 
-def _adapt(args, model, method: str, r: int, seed: int):
-    """Add the method's adapters; returns (model, controller or None, peft model or None)."""
+def _adapt(args, model, method: str, r: int, seed: int, lora_params: int | None = None):
+    """Add the method's adapters; returns (model, controller or None, peft model or None).
+
+    ``lora_params``: LoRA r's parameter count (the budget) when the caller has it already."""
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     from adarank.allocation import RankController
     from adarank.config.validate import schedule_for
     from adarank.modules import add_adapters
 
-    dims = _linear_dims(model)
-    lora_params = r * sum(a + b for a, b in dims.values())
+    if lora_params is None:
+        lora_params = r * sum(a + b for a, b in _linear_dims(model).values())
     warm, final = round(0.1 * args.steps), round(0.2 * args.steps)
     if method == "adarank":
         layers = add_adapters(model, LLAMA_TARGETS, args.init_rank, scaling=16.0, seed=seed)
@@ -172,7 +174,7 @@ def run_one(args, method: str, r: int, lr: float, seed: int) -> dict:
     dims = _linear_dims(model)
     lora_params = r * sum(a + b for a, b in dims.values())
     base = _evaluate(args, model, data) if args.base_eval else {}
-    model, controller, peft_model = _adapt(args, model, method, r, seed)
+    model, controller, peft_model = _adapt(args, model, method, r, seed, lora_params)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if controller is not None:

@@ -10,7 +10,6 @@ calling it.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import types
 import typing
@@ -42,17 +41,9 @@ def get_component(path: str, key: str) -> Callable:
     Raises:
         ConfigError: bad path, module not importable or attribute missing (names ``key``).
     """
-    if not isinstance(path, str) or "." not in path:
-        raise ConfigError(f"{key}={path!r}: expected a dotted import path like a.b.build_x")
-    module_name, _, attr = path.rpartition(".")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"{key}={path!r}: cannot import module {module_name!r} ({err})") from err
-    obj = getattr(module, attr, None)
-    if obj is None or not callable(obj):
-        raise ConfigError(f"{key}={path!r}: module {module_name!r} has no callable {attr!r}")
-    return obj
+    from adarank.lightning.optim import import_component
+
+    return import_component(path, key, example="a.b.build_x", error=ConfigError)
 
 
 def signature_params(fn: Callable) -> dict[str, inspect.Parameter]:

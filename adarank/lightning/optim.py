@@ -57,22 +57,31 @@ SCHEDULER_STEP_ARGS = ("total_steps", "num_training_steps", "T_max")
 _GROUP_ARGS = ("params", "lr", "weight_decay")
 
 
-def import_component(path: str, field: str) -> Callable:
+def import_component(
+    path: str,
+    field: str,
+    *,
+    example: str = "torch.optim.AdamW",
+    error: type[ValueError] = ValueError,
+) -> Callable:
     """The callable at dotted import ``path`` (e.g. ``"torch.optim.AdamW"``).
 
+    The one importer of ``_component_`` paths (the config layer's ``get_component`` calls it
+    with ``error=ConfigError``).
+
     Raises:
-        ValueError: not a dotted path, module not importable, or no callable of that name.
+        ``error``: not a dotted path, module not importable, or no callable of that name.
     """
     if not isinstance(path, str) or "." not in path:
-        raise ValueError(f"{field}={path!r}: expected a dotted import path like torch.optim.AdamW")
+        raise error(f"{field}={path!r}: expected a dotted import path like {example}")
     module_name, _, attr = path.rpartition(".")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"{field}={path!r}: cannot import module {module_name!r} ({err})") from err
+        raise error(f"{field}={path!r}: cannot import module {module_name!r} ({err})") from err
     obj = getattr(module, attr, None)
     if obj is None or not callable(obj):
-        raise ValueError(f"{field}={path!r}: module {module_name!r} has no callable {attr!r}")
+        raise error(f"{field}={path!r}: module {module_name!r} has no callable {attr!r}")
     return obj
 
 
