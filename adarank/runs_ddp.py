@@ -1,4 +1,4 @@
-"""``adarank fit`` in several processes (``trainer.strategy=ddp trainer.devices=N``).
+"""``adarank fit`` in several processes (``trainer.strategy=ddp|sharded_base trainer.devices=N``).
 
 Lightning's DDP launcher starts processes 1 … N-1 when ``trainer.fit`` begins, by running the
 command line of process 0 again with ``LOCAL_RANK``, ``NODE_RANK``, ``WORLD_SIZE``,
@@ -23,8 +23,10 @@ command line of process 0 again with ``LOCAL_RANK``, ``NODE_RANK``, ``WORLD_SIZE
 Exit codes are the same in every process: 0 success, 1 failed run, 2 bad input. Strategies that
 start their processes with ``multiprocessing`` (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``)
 hand only the weights of process 0 back to the first process, which cannot follow the ranks
-the others allocated, and sharded strategies (FSDP, DeepSpeed) cannot follow parameters that
-change shape: :func:`check_strategy` refuses both in the pre-flight (exit code 2).
+the others allocated, and sharded strategies that own the adapters (FSDP, DeepSpeed) cannot
+follow parameters that change shape: :func:`check_strategy` refuses both in the pre-flight (exit
+code 2). ``trainer.strategy=sharded_base`` (:mod:`adarank.lightning.sharded`: FSDP2 of the frozen
+base, replicated adapters) launches its processes like DDP and joins them the same way.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ def check_strategy(cfg: Any, allocation: bool) -> None:
     """
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 
+    from adarank.lightning.sharded import STRATEGY_NAME, ShardedBaseStrategy  # registers it
+
     name = (cfg.get("trainer") or {}).get("strategy", "auto")
     if not isinstance(name, str) or name not in StrategyRegistry:
         return
@@ -88,12 +92,15 @@ def check_strategy(cfg: Any, allocation: bool) -> None:
             f"trainer.strategy={fixed!r} (the same training; adarank fit starts the other "
             "processes by running its command line again)"
         )
-    if allocation and not issubclass(entry["strategy"], (DDPStrategy, SingleDeviceStrategy)):
+    allowed = (DDPStrategy, SingleDeviceStrategy, ShardedBaseStrategy)
+    if allocation and not issubclass(entry["strategy"], allowed):
         raise ConfigError(
             f"trainer.strategy={name!r}: rank allocation (adapter.budget set) replaces adapter "
-            "parameters during training, which sharded strategies (FSDP, DeepSpeed) cannot "
-            "follow; use trainer.strategy=ddp (adapters are small, so replicating them costs "
-            "little), or train at fixed ranks (allocation.enabled=false)"
+            "parameters during training, which sharded strategies that own them (FSDP, "
+            "DeepSpeed) cannot follow; use trainer.strategy=ddp (adapters are small, so "
+            f"replicating them costs little), trainer.strategy={STRATEGY_NAME} (shards the "
+            "frozen base, replicates the adapters), or train at fixed ranks "
+            "(allocation.enabled=false)"
         )
 
 

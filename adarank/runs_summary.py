@@ -4,8 +4,10 @@ Keys: ``status`` ("ok" | "failed" | "interrupted"), ``recipe``, ``run_dir``, ``p
 ``base_params``, ``init``, ``trainable_params``, ``adapter_params``, ``saved_params``, ``ranks``,
 ``metrics`` (final ``val/*``, planted-task extras), ``steps``, ``epochs``, ``wall_s``; when
 relevant ``warnings`` (e.g. a final val/loss :data:`EXPLODED_FACTOR` times the first step's
-training loss, skipped non-finite steps), ``skipped_steps``, ``reason`` / ``error`` /
-``failed_step`` (a failed run), ``nonfinite_values`` (numbers written as null).
+training loss, skipped non-finite steps), ``skipped_steps``, ``sharded_base`` (under
+``trainer.strategy=sharded_base``: processes, frozen base parameters, the share each process
+held), ``reason`` / ``error`` / ``failed_step`` (a failed run), ``nonfinite_values`` (numbers
+written as null).
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def _state_summary(p: Prepared, trainer, metrics: dict, wall: float) -> dict[str
     }
     if p.module.guard.skipped:
         out["skipped_steps"] = list(p.module.guard.skipped)
+    shards = getattr(trainer.strategy, "shard_report", None)  # trainer.strategy=sharded_base
+    if shards is not None:
+        out["sharded_base"] = shards.summary()
     return out
 
 

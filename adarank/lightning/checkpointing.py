@@ -288,9 +288,11 @@ def check_state_dict(pl_module: pl.LightningModule, state_dict: Any) -> str:
 def check_strategy(trainer: pl.Trainer, allocation: bool) -> None:
     """Reject strategies that cannot follow parameter replacement (FSDP, DeepSpeed).
 
-    Sharded strategies flatten parameters into shared buffers at wrap time; pruning and growing
-    replace ``nn.Parameter`` objects, which those buffers cannot follow. Fixed-rank training
-    (``budget=None``) is allowed under any strategy.
+    Sharded strategies that own the trainable parameters flatten or shard them at wrap time;
+    pruning and growing replace ``nn.Parameter`` objects, which those cannot follow.
+    ``ShardedBaseStrategy`` (``"sharded_base"``) shards only the frozen base and keeps the
+    adapters replicated, so it is allowed. Fixed-rank training (``budget=None``) is allowed
+    under any strategy.
 
     Raises:
         ValueError: allocation requested under an unsupported strategy.
@@ -299,14 +301,17 @@ def check_strategy(trainer: pl.Trainer, allocation: bool) -> None:
         return
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
+    from adarank.lightning.sharded import STRATEGY_NAME, ShardedBaseStrategy
+
     strategy = trainer.strategy
-    if isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)):
+    if isinstance(strategy, (DDPStrategy, SingleDeviceStrategy, ShardedBaseStrategy)):
         return
     raise ValueError(
         f"rank allocation (budget set) is not supported with {type(strategy).__name__}: it "
         "replaces adapter parameters during training, which sharded strategies (FSDP, "
         "DeepSpeed) cannot follow. Use strategy='ddp' (adapters are small, so replicating them "
-        "costs little), or train at fixed ranks with budget=None."
+        f"costs little), strategy={STRATEGY_NAME!r} (shards the frozen base, replicates the "
+        "adapters), or train at fixed ranks with budget=None."
     )
 
 

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from adarank.lightning.sharded import gathered
 from adarank.modules import save_adapter
 
 __all__ = ["AdapterSnapshot", "snapshot_name"]
@@ -65,9 +67,11 @@ class AdapterSnapshot(Callback):
         if self.saved_steps and self.saved_steps[-1] == step:
             return None
         self.saved_steps.append(step)
-        if not trainer.is_global_zero:
-            return None
         model = getattr(pl_module, "model", pl_module)
+        with gathered(model):  # a sharded base (all processes): the file's fingerprint reads it
+            return self._write(trainer, model, step) if trainer.is_global_zero else None
+
+    def _write(self, trainer: pl.Trainer, model: torch.nn.Module, step: int) -> Path:
         root = self._dir(trainer)
         root.mkdir(parents=True, exist_ok=True)
         final = root / snapshot_name(step)
