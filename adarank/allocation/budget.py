@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["resolve_budget", "BudgetSchedule", "DECAYS", "SCHEDULE_DEFAULTS"]
+__all__ = ["resolve_budget", "schedule_points", "BudgetSchedule", "DECAYS", "SCHEDULE_DEFAULTS"]
 
 DECAYS = ("cubic", "linear", "constant")
-#: defaults of :meth:`BudgetSchedule.from_fractions` (shared by the training integrations)
+#: the one definition of the schedule defaults: :class:`BudgetSchedule`,
+#: :meth:`BudgetSchedule.from_fractions`, the training integrations and the config schema
+#: (``adarank.config.structured``) read them from here
 SCHEDULE_DEFAULTS = {
     "init_budget_ratio": 1.5,
     "warmup_frac": 0.1,
@@ -27,6 +29,28 @@ SCHEDULE_DEFAULTS = {
     "interval": 10,
     "decay": "cubic",
 }
+
+
+def schedule_points(
+    final_budget: int,
+    total_steps: int,
+    *,
+    init_budget_ratio: float = SCHEDULE_DEFAULTS["init_budget_ratio"],
+    warmup_frac: float = SCHEDULE_DEFAULTS["warmup_frac"],
+    final_frac: float = SCHEDULE_DEFAULTS["final_frac"],
+    decay: str = SCHEDULE_DEFAULTS["decay"],
+) -> tuple[int, int, int]:
+    """``(init_budget, warmup_steps, final_steps)`` from fractions: the one rounding rule.
+
+    ``init_budget = max(b_T, round(init_budget_ratio · b_T))`` (``b_T`` for ``decay="constant"``,
+    which never uses it), ``warmup_steps = round(warmup_frac · T)``, ``final_steps =
+    round(final_frac · T)``. :class:`BudgetSchedule`'s own defaults and
+    :meth:`BudgetSchedule.from_fractions` both call it.
+    """
+    init = final_budget
+    if decay != "constant":
+        init = max(final_budget, round(init_budget_ratio * final_budget))
+    return init, round(warmup_frac * total_steps), round(final_frac * total_steps)
 
 
 def resolve_budget(budget: int | float | str, base_params: int, *, field: str = "budget") -> int:
@@ -77,9 +101,11 @@ class BudgetSchedule:
     Args:
         final_budget: b_T, adapter parameters after the final allocation.
         total_steps: T, the number of optimizer steps of the run.
-        init_budget: b_0 during warm-up; default ``1.5 × final_budget`` (AdaLoRA's b_0 ≈ 1.5 b_T).
-        warmup_steps: t_w; default 10% of ``total_steps``.
-        final_steps: t_f (pattern frozen); default 20% of ``total_steps``.
+        init_budget: b_0 during warm-up; default ``init_budget_ratio × final_budget`` of
+            :data:`SCHEDULE_DEFAULTS` (AdaLoRA's b_0 ≈ 1.5 b_T), rounded by
+            :func:`schedule_points`.
+        warmup_steps: t_w; default ``warmup_frac × total_steps`` (:data:`SCHEDULE_DEFAULTS`).
+        final_steps: t_f (pattern frozen); default ``final_frac × total_steps``.
         decay: ``"cubic"`` (AdaLoRA), ``"linear"`` or ``"constant"``.
         interval: ΔT, re-allocate every ``interval`` optimizer steps.
         min_budget: parameters the per-layer ``min_rank`` bounds force (for validation).
@@ -111,21 +137,16 @@ class BudgetSchedule:
         _int("interval", self.interval, 1)
         if self.decay not in DECAYS:
             raise ValueError(f"decay={self.decay!r}: expected one of {DECAYS}")
-        init = self.init_budget
-        if init is None:
-            ratio = SCHEDULE_DEFAULTS["init_budget_ratio"]
-            init = self.final_budget if self.decay == "constant" else int(ratio * self.final_budget)
+        points = schedule_points(self.final_budget, self.total_steps, decay=self.decay)
+        init = points[0] if self.init_budget is None else self.init_budget
         _int("init_budget", init, 1)
         if init < self.final_budget:
             raise ValueError(
                 f"init_budget={init} is below final_budget={self.final_budget}: the budget "
                 "schedule only decays (growth redistributes within it)"
             )
-        warm, final = self.warmup_steps, self.final_steps
-        if warm is None:
-            warm = round(SCHEDULE_DEFAULTS["warmup_frac"] * self.total_steps)
-        if final is None:
-            final = round(SCHEDULE_DEFAULTS["final_frac"] * self.total_steps)
+        warm = points[1] if self.warmup_steps is None else self.warmup_steps
+        final = points[2] if self.final_steps is None else self.final_steps
         _int("warmup_steps", warm, 0)
         _int("final_steps", final, 0)
         if warm + final >= self.total_steps:
@@ -184,9 +205,9 @@ class BudgetSchedule:
     ) -> BudgetSchedule:
         """The schedule a training integration builds from fractions of the run's length.
 
-        ``init_budget = max(b_T, round(init_budget_ratio · b_T))``, ``warmup_steps =
-        round(warmup_frac · total_steps)`` and ``final_steps = round(final_frac · total_steps)``
-        unless given in steps.
+        The budget and the phase lengths are rounded by :func:`schedule_points` (the rule of
+        ``BudgetSchedule``'s own defaults too); ``warmup_steps`` / ``final_steps`` given in
+        steps override the fractions.
 
         Args:
             final_budget: b_T in parameters (see :func:`resolve_budget`).
@@ -211,14 +232,20 @@ class BudgetSchedule:
             raise ValueError(f"init_budget_ratio={ratio!r}: expected a number ≥ 1")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps={total_steps!r}: expected an integer ≥ 1")
-        warm = round(warmup_frac * total_steps) if warmup_steps is None else warmup_steps
-        final = round(final_frac * total_steps) if final_steps is None else final_steps
+        init, warm, final = schedule_points(
+            final_budget,
+            total_steps,
+            init_budget_ratio=ratio,
+            warmup_frac=warmup_frac,
+            final_frac=final_frac,
+            decay=decay,
+        )
         return cls(
             final_budget=final_budget,
             total_steps=total_steps,
-            init_budget=max(final_budget, round(ratio * final_budget)),
-            warmup_steps=warm,
-            final_steps=final,
+            init_budget=init,
+            warmup_steps=warm if warmup_steps is None else warmup_steps,
+            final_steps=final if final_steps is None else final_steps,
             decay=decay,
             interval=interval,
         )

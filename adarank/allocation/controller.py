@@ -34,7 +34,17 @@ from adarank.allocation.optim_sync import replace_parameter
 from adarank.allocation.regularizer import orthogonality_penalty
 from adarank.allocation.step_stats import gather_step_stats
 
-__all__ = ["RankController", "AllocationEvent"]
+__all__ = ["CONTROLLER_DEFAULTS", "RankController", "AllocationEvent"]
+
+#: the one definition of the allocation defaults: :class:`RankController`, ``AdaRankModule``,
+#: ``AdaRankCallback`` and the config schema (``adarank.config.structured``) read them from here
+CONTROLLER_DEFAULTS = {
+    "scorer": "energy",
+    "min_rank": 0,
+    "max_rank": None,
+    "grow": True,
+    "orth_reg": 0.0,
+}
 
 STATE_VERSION = 1
 
@@ -100,15 +110,15 @@ class RankController:
         layers: Mapping,
         schedule: BudgetSchedule | None,
         *,
-        scorer: str | Scorer = "energy",
+        scorer: str | Scorer = CONTROLLER_DEFAULTS["scorer"],
         beta1: float = 0.85,
         beta2: float = 0.85,
-        min_rank: int | Mapping[str, int] = 0,
-        max_rank: int | Mapping[str, int] | None = None,
-        grow: bool = True,
+        min_rank: int | Mapping[str, int] = CONTROLLER_DEFAULTS["min_rank"],
+        max_rank: int | Mapping[str, int] | None = CONTROLLER_DEFAULTS["max_rank"],
+        grow: bool = CONTROLLER_DEFAULTS["grow"],
         candidates_per_layer: int = 4,
         protect_rounds: int = 1,
-        orth_reg: float = 0.0,
+        orth_reg: float = CONTROLLER_DEFAULTS["orth_reg"],
         optimizer: torch.optim.Optimizer | None = None,
         seed: int = 0,
     ) -> None:

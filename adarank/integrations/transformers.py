@@ -35,6 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from adarank.allocation import AllocationEvent, BudgetSchedule, RankController, resolve_budget
 from adarank.allocation.budget import SCHEDULE_DEFAULTS
+from adarank.allocation.controller import CONTROLLER_DEFAULTS
 from adarank.integrations.hf_state import (
     ADAPTER_DIR,
     STATE_NAME,
@@ -146,10 +147,10 @@ class AdaRankCallback(TrainerCallback):
         final_steps: int | None = None,
         interval: int = SCHEDULE_DEFAULTS["interval"],
         decay: str = SCHEDULE_DEFAULTS["decay"],
-        min_rank: int = 0,
-        max_rank: int | None = None,
-        scorer: str = "energy",
-        grow: bool = True,
+        min_rank: int = CONTROLLER_DEFAULTS["min_rank"],
+        max_rank: int | None = CONTROLLER_DEFAULTS["max_rank"],
+        scorer: str = CONTROLLER_DEFAULTS["scorer"],
+        grow: bool = CONTROLLER_DEFAULTS["grow"],
         seed: int | None = None,
         log_ranks: bool = True,
     ) -> None:

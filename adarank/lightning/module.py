@@ -30,6 +30,7 @@ from typing_extensions import override
 
 from adarank.allocation import BudgetSchedule, resolve_budget
 from adarank.allocation.budget import SCHEDULE_DEFAULTS
+from adarank.allocation.controller import CONTROLLER_DEFAULTS
 from adarank.allocation.regularizer import orthogonality_penalty
 from adarank.lightning import checkpointing, distributed
 from adarank.lightning.divergence import NonFiniteGuard
@@ -45,7 +46,20 @@ from adarank.lightning.tasks import build_metrics, check_task, compute_metrics, 
 from adarank.lightning.tasks import update_metrics as _update_metrics
 from adarank.modules import adapter_layers, count_parameters
 
-__all__ = ["SCHEDULE_ARGS", "AdaRankModule"]
+__all__ = ["OPTIMIZER_DEFAULTS", "SCHEDULE_ARGS", "AdaRankModule"]
+
+#: the one definition of the optimizer defaults of :class:`AdaRankModule`, read by the config
+#: schema (``adarank.config.structured``); lr 3e-3 with ``add_adapters``' scaling 16 is what the
+#: shipped transformer recipes train with
+OPTIMIZER_DEFAULTS = {
+    "optimizer": "adamw",
+    "lr": 3e-3,
+    "head_lr": None,
+    "weight_decay": 0.0,
+    "warmup_ratio": 0.06,
+    "nonfinite": "fail",
+    "max_skipped_steps": 10,
+}
 
 #: ``AdaRankModule`` arguments passed to :meth:`BudgetSchedule.from_fractions`
 SCHEDULE_ARGS = (
@@ -99,7 +113,9 @@ class AdaRankModule(pl.LightningModule):
         scorer: importance score name passed to the controller (e.g. ``"energy"``).
         grow: allow growing new triplets (else prune only).
         orth_reg: γ of the orthogonality regulariser (0 disables it).
-        lr: learning rate of the adapters.
+        lr: learning rate of the adapters (default 3e-3, for ``add_adapters``' default
+            scaling 16; defaults of the optimizer options: :data:`OPTIMIZER_DEFAULTS`, of the
+            schedule: ``SCHEDULE_DEFAULTS``, of the allocation: ``CONTROLLER_DEFAULTS``).
         head_lr: learning rate of the ``modules_to_save`` parameters (default ``lr``).
         weight_decay: weight decay of P, Q and head matrices (never of λ, biases, norms).
         optimizer: ``"adamw"``, ``"adam"``, ``"sgd"``, or an optimizer class (or its import
@@ -142,23 +158,23 @@ class AdaRankModule(pl.LightningModule):
         final_steps: int | None = None,
         interval: int = SCHEDULE_DEFAULTS["interval"],
         decay: str = SCHEDULE_DEFAULTS["decay"],
-        min_rank: int = 0,
-        max_rank: int | None = None,
-        scorer: str = "energy",
-        grow: bool = True,
-        orth_reg: float = 0.0,
-        lr: float = 1e-3,
-        head_lr: float | None = None,
-        weight_decay: float = 0.0,
-        optimizer: str | type[torch.optim.Optimizer] = "adamw",
-        warmup_ratio: float = 0.06,
+        min_rank: int = CONTROLLER_DEFAULTS["min_rank"],
+        max_rank: int | None = CONTROLLER_DEFAULTS["max_rank"],
+        scorer: str = CONTROLLER_DEFAULTS["scorer"],
+        grow: bool = CONTROLLER_DEFAULTS["grow"],
+        orth_reg: float = CONTROLLER_DEFAULTS["orth_reg"],
+        lr: float = OPTIMIZER_DEFAULTS["lr"],
+        head_lr: float | None = OPTIMIZER_DEFAULTS["head_lr"],
+        weight_decay: float = OPTIMIZER_DEFAULTS["weight_decay"],
+        optimizer: str | type[torch.optim.Optimizer] = OPTIMIZER_DEFAULTS["optimizer"],
+        warmup_ratio: float = OPTIMIZER_DEFAULTS["warmup_ratio"],
         optimizer_args: dict | None = None,
         lr_scheduler: str | Callable | None = None,
         lr_scheduler_args: dict | None = None,
         total_steps: int | None = None,
         num_classes: int | None = None,
-        nonfinite: str = "fail",
-        max_skipped_steps: int = 10,
+        nonfinite: str = OPTIMIZER_DEFAULTS["nonfinite"],
+        max_skipped_steps: int = OPTIMIZER_DEFAULTS["max_skipped_steps"],
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):

@@ -12,7 +12,8 @@ import time
 import torch
 
 from adarank.allocation import BudgetSchedule, RankController
-from adarank.allocation.budget import SCHEDULE_DEFAULTS
+from adarank.allocation.budget import SCHEDULE_DEFAULTS, schedule_points
+from adarank.allocation.controller import CONTROLLER_DEFAULTS
 from adarank.models.planted import PlantedTask
 from adarank.modules import add_adapters, count_parameters
 
@@ -37,7 +38,7 @@ def fit_planted(
     interval: int = 25,
     warmup_frac: float = SCHEDULE_DEFAULTS["warmup_frac"],
     final_frac: float = 0.25,
-    scorer: str = "energy",
+    scorer: str = CONTROLLER_DEFAULTS["scorer"],
     grow: bool = True,
     orth_reg: float = 0.1,
     seed: int = 0,
@@ -63,9 +64,10 @@ def fit_planted(
     if method == "uniform":
         rank = uniform_rank_for_budget(task, budget)
     else:
-        b0 = int(SCHEDULE_DEFAULTS["init_budget_ratio"] * budget)
+        b0 = schedule_points(budget, steps)[0]
         rank = init_rank if init_rank is not None else uniform_rank_for_budget(task, b0)
-    layers = add_adapters(model, ["re:blocks\\.\\d+"], rank, seed=seed)
+    # scaling 1 (AdaLoRA's parametrisation): the planted benchmark's lr is tuned for it
+    layers = add_adapters(model, ["re:blocks\\.\\d+"], rank, scaling=1.0, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     controller = None

@@ -29,6 +29,7 @@ from torch import nn
 from adarank.modules.svd_lora import SVDLoRALinear, is_conv1d, is_quantized, linear_shape
 
 __all__ = [
+    "ADAPTER_DEFAULTS",
     "ADAPTER_DTYPES",
     "ALL_LINEAR",
     "add_adapters",
@@ -48,6 +49,18 @@ __all__ = [
 ALL_LINEAR = "all-linear"
 #: ``adapter.dtype`` names → dtypes of the adapter tensors (float32 also for bf16/fp16 bases)
 ADAPTER_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: the one definition of :func:`add_adapters`' defaults, read by the config schema
+#: (``adarank.config.structured``); ``scaling`` 16 gives LoRA-like learning speed at learning
+#: rates 1e-3–6e-3 (λ moves about ``lr`` per Adam step, ΔW ``scaling`` times that)
+ADAPTER_DEFAULTS = {
+    "init_rank": 8,
+    "scaling": 16.0,
+    "max_rank": None,
+    "dropout": 0.0,
+    "modules_to_save": None,
+    "adapter_dtype": "float32",
+    "factor_init": "svd",
+}
 
 
 def match_name(name: str, pattern: str) -> bool:
@@ -182,15 +195,15 @@ def _match_targets(model: nn.Module, patterns: list[str]) -> list[str]:
 def add_adapters(
     model: nn.Module,
     target_modules: str | Sequence[str],
-    init_rank: int | dict[str, int] = 8,
+    init_rank: int | dict[str, int] = ADAPTER_DEFAULTS["init_rank"],
     *,
-    scaling: float = 1.0,
-    max_rank: int | None = None,
-    dropout: float = 0.0,
-    modules_to_save: str | Sequence[str] | None = None,
-    adapter_dtype: torch.dtype | str = torch.float32,
+    scaling: float = ADAPTER_DEFAULTS["scaling"],
+    max_rank: int | None = ADAPTER_DEFAULTS["max_rank"],
+    dropout: float = ADAPTER_DEFAULTS["dropout"],
+    modules_to_save: str | Sequence[str] | None = ADAPTER_DEFAULTS["modules_to_save"],
+    adapter_dtype: torch.dtype | str = ADAPTER_DEFAULTS["adapter_dtype"],
     seed: int | None = None,
-    factor_init: str = "svd",
+    factor_init: str = ADAPTER_DEFAULTS["factor_init"],
 ) -> dict[str, SVDLoRALinear]:
     """Wrap every linear module matching ``target_modules`` with an :class:`SVDLoRALinear`.
 
@@ -202,13 +215,16 @@ def add_adapters(
         target_modules: patterns (see module docstring) selecting layers to adapt, or
             ``"all-linear"`` (every linear layer but the output head and ``modules_to_save``).
         init_rank: initial live rank, one int for all or ``{qualified name: rank}``.
-        scaling: constant factor on ΔW (see :class:`SVDLoRALinear`).
+        scaling: constant factor on ΔW (see :class:`SVDLoRALinear`); default 16, the shipped
+            transformer presets' value (LoRA-like learning speed at lr 1e-3–6e-3 under Adam;
+            ``1.0`` is AdaLoRA's parametrisation and needs lr ≈ 1e-2).
         max_rank: per-layer capacity; default ``min(d_in, d_out)``.
         dropout: adapter input dropout.
         modules_to_save: patterns of modules to keep trainable and save with the adapter.
         adapter_dtype: dtype of the adapter tensors, a ``torch.dtype`` or a name of
             :data:`ADAPTER_DTYPES` (``"float32"``, ``"bfloat16"``); independent of the base dtype
             (a bf16 base keeps float32 adapters by default; outputs are in the base dtype).
+            Defaults: :data:`ADAPTER_DEFAULTS`.
         seed: seed for the orthonormal init (deterministic if given).
         factor_init: ``"svd"`` (λ = 0, orthonormal P, Q) or ``"lora"`` (P = 0, λ = 1); see
             :class:`SVDLoRALinear`.
