@@ -75,7 +75,12 @@ def check_strategy(cfg: Any, allocation: bool) -> None:
     Raises:
         ConfigError: a multiprocessing strategy, or a sharded one with rank allocation.
     """
-    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        DeepSpeedStrategy,
+        SingleDeviceStrategy,
+        StrategyRegistry,
+    )
 
     from adarank.lightning.sharded import STRATEGY_NAME, ShardedBaseStrategy  # registers it
 
@@ -93,7 +98,8 @@ def check_strategy(cfg: Any, allocation: bool) -> None:
             "processes by running its command line again)"
         )
     allowed = (DDPStrategy, SingleDeviceStrategy, ShardedBaseStrategy)
-    if allocation and not issubclass(entry["strategy"], allowed):
+    cls = entry["strategy"]  # DeepSpeedStrategy subclasses DDPStrategy but shards the adapters
+    if allocation and (not issubclass(cls, allowed) or issubclass(cls, DeepSpeedStrategy)):
         raise ConfigError(
             f"trainer.strategy={name!r}: rank allocation (adapter.budget set) replaces adapter "
             "parameters during training, which sharded strategies that own them (FSDP, "

@@ -299,12 +299,14 @@ def check_strategy(trainer: pl.Trainer, allocation: bool) -> None:
     """
     if not allocation:
         return
-    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
     from adarank.lightning.sharded import STRATEGY_NAME, ShardedBaseStrategy
 
     strategy = trainer.strategy
-    if isinstance(strategy, (DDPStrategy, SingleDeviceStrategy, ShardedBaseStrategy)):
+    allowed = (DDPStrategy, SingleDeviceStrategy, ShardedBaseStrategy)
+    # DeepSpeedStrategy subclasses DDPStrategy but shards the trainable parameters
+    if isinstance(strategy, allowed) and not isinstance(strategy, DeepSpeedStrategy):
         return
     raise ValueError(
         f"rank allocation (budget set) is not supported with {type(strategy).__name__}: it "
