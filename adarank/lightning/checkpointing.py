@@ -317,6 +317,38 @@ def check_strategy(trainer: pl.Trainer, allocation: bool) -> None:
     )
 
 
+def reconcile_stopped_epoch(checkpoint: dict[str, Any]) -> bool:
+    """Make the checkpoint of a run that stopped mid-epoch resume *within* that epoch.
+
+    When ``max_steps`` ends training in the middle of an epoch, Lightning counts the epoch as
+    completed (``epoch_progress`` ``processed``/``completed`` = ``ready``) while the training
+    loader's saved position (:class:`~adarank.data.resumable.ResumableDataLoader`) is still
+    inside it. Extending such a run (``fit --resume RUN trainer.max_steps=N``) then finishes
+    the epoch's batches under the *next* epoch's number and shuffles every later epoch with the
+    wrong seed. A checkpoint saved mid-epoch during training has ``processed = completed =
+    ready - 1``; this rewrites the stopped-run counters to that form when the loader position
+    shows an unfinished epoch. Returns whether anything changed.
+    """
+    fit = (checkpoint.get("loops") or {}).get("fit_loop")
+    if not isinstance(fit, dict):
+        return False
+    progress = fit.get("epoch_progress") or {}
+    batches = (fit.get("epoch_loop.batch_progress") or {}).get("current") or {}
+    loaders = (fit.get("state_dict") or {}).get("combined_loader") or []
+    states = [s for s in loaders if isinstance(s, dict) and "epoch" in s and "batches" in s]
+    current = progress.get("current") or {}
+    if not states or not batches.get("completed") or not current:
+        return False
+    epoch = int(states[0]["epoch"])
+    if states[0]["batches"] <= 0 or current.get("completed") != epoch + 1:
+        return False  # the loader is at an epoch boundary, or Lightning already agrees
+    for counter in (progress.get("current"), progress.get("total")):
+        if isinstance(counter, dict):
+            for key in ("processed", "completed"):
+                counter[key] = counter[key] - 1
+    return True
+
+
 def rng_state() -> dict[str, Any]:
     """Global RNG states (torch CPU/CUDA, ``random``, numpy) as ``weights_only``-safe values.
 

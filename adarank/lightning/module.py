@@ -388,6 +388,7 @@ class AdaRankModule(pl.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpointing.reconcile_stopped_epoch(checkpoint)  # loops are restored after this hook
         self._pending_controller_state = checkpointing.restore_layers(self, checkpoint)
         if self._trainer is not None and self.trainer.world_size > 1:
             # restored before DDP wraps the module (after setup): rank-0 layers stay out of it
