@@ -6,8 +6,10 @@ Order and injection (the only places where built objects feed each other)::
     model  = instantiate(cfg.model, num_labels=data.num_labels, data=data)
     add_adapters(model, **cfg.adapter)  → adarank.init.initialize_adapters(cfg.adapter.init)
     module = AdaRankModule(model, data.task_type, budget=cfg.adapter.budget, **schedule,
-                           **allocation, **optimizer, lr_scheduler=...)  (schema.MODULE_ARGS,
-                                                                          components)
+                           **allocation, **optimizer, lr_scheduler=...)
+
+Keys, defaults and the API argument each key feeds come from the dataclasses of
+:mod:`adarank.config.structured` (the config is merged onto them first: :func:`typed`).
 
 :func:`check_feasible` then verifies what needs the built model (budget vs adapter capacity,
 the schedule at the real number of steps) before any run directory is written.
@@ -26,6 +28,7 @@ from adarank.config.components import optimizer_component, scheduler_component
 from adarank.config.errors import ConfigError
 from adarank.config.instantiate import instantiate
 from adarank.config.schema import MODULE_ARGS
+from adarank.config.structured import section_args, typed
 
 __all__ = [
     "add_config_adapters",
@@ -38,16 +41,6 @@ __all__ = [
 ]
 
 _HEAD_TASK = {"sequence_classification": "classification", "causal_lm": "causal_lm"}
-#: ``adapter`` key → ``add_adapters`` argument
-_ADAPTER_ARGS = {
-    "init_rank": "init_rank",
-    "scaling": "scaling",
-    "max_rank": "max_rank",
-    "dropout": "dropout",
-    "modules_to_save": "modules_to_save",
-    "dtype": "adapter_dtype",
-    "factor_init": "factor_init",
-}
 
 
 def _plain(cfg: DictConfig | Mapping) -> dict:
@@ -99,16 +92,13 @@ def add_config_adapters(cfg: DictConfig | Mapping, model: nn.Module, data=None) 
     """
     from adarank.modules import add_adapters
 
-    plain = _plain(cfg)
-    ad = plain.get("adapter") or {}
-    # keys left out (or null) take add_adapters' own defaults
-    given = {arg: ad[key] for key, arg in _ADAPTER_ARGS.items() if ad.get(key) is not None}
-    for key in ("scaling", "dropout"):
-        if key in given:
-            given[key] = float(given[key])
-    add_adapters(model, ad["target_modules"], seed=int(plain.get("seed", 0)), **given)
-    strategy = ad.get("init", "lora")
-    init_args = dict(ad.get("init_args") or {})
+    plain = typed(cfg)
+    ad = plain["adapter"]
+    # null values (dtype, max_rank, modules_to_save) take add_adapters' own defaults
+    given = {arg: ad[key] for key, arg in section_args("adapter").items() if ad[key] is not None}
+    add_adapters(model, seed=plain["seed"], **given)
+    strategy = ad["init"]
+    init_args = dict(ad["init_args"] or {})
     if strategy == "lora" and not init_args:
         return {}
     try:
@@ -126,7 +116,7 @@ def add_config_adapters(cfg: DictConfig | Mapping, model: nn.Module, data=None) 
         def forward_fn(m, batch):
             return run_task(task, m, batch)
 
-    init_args.setdefault("seed", int(plain.get("seed", 0)))
+    init_args.setdefault("seed", plain["seed"])
     report = initialize_adapters(model, strategy, batches, forward_fn=forward_fn, **init_args)
     return report.to_dict() if hasattr(report, "to_dict") else {}
 
@@ -138,24 +128,21 @@ def module_kwargs(cfg: DictConfig | Mapping) -> dict[str, Any]:
     ``optimizer_args`` (its other arguments); ``lr_scheduler`` becomes ``lr_scheduler`` and
     ``lr_scheduler_args``.
     """
-    plain = _plain(cfg)
-    alloc = dict(plain.get("allocation") or {})
-    enabled = alloc.pop("enabled", True)
+    plain = typed(cfg)
     kwargs: dict[str, Any] = {
-        "budget": (plain.get("adapter") or {}).get("budget") if enabled else None
+        "budget": plain["adapter"]["budget"] if plain["allocation"]["enabled"] else None
     }
-    opt_path, opt_args = optimizer_component(plain.get("optimizer"))
+    opt_path, opt_args = optimizer_component(plain["optimizer"])
     for section, mapping in MODULE_ARGS.items():
-        node = alloc if section == "allocation" else dict(plain.get(section) or {})
-        for key, value in node.items():
-            if key in mapping and not (key == "name" and value is None):
-                kwargs[mapping[key]] = value
+        for key, arg in mapping.items():
+            if not (key == "name" and plain[section][key] is None):
+                kwargs[arg] = plain[section][key]
     if opt_path is not None:
         kwargs.update(optimizer=opt_path, optimizer_args=opt_args)
     sched_path, sched_args = scheduler_component(plain.get("lr_scheduler"))
     if sched_path is not None:
         kwargs.update(lr_scheduler=sched_path, lr_scheduler_args=sched_args)
-    if kwargs.get("max_rank") is None and (plain.get("adapter") or {}).get("max_rank") is not None:
+    if kwargs["max_rank"] is None and plain["adapter"]["max_rank"] is not None:
         kwargs["max_rank"] = plain["adapter"]["max_rank"]
     return kwargs
 

@@ -13,8 +13,9 @@ Composition (documented in ``docs/recipes.md``)::
 Each entry of ``defaults`` names a fragment ``configs/<entry>.yaml`` — a mapping of top-level
 sections, merged in list order. Fragments may list their own ``defaults`` (merged before their
 body). The recipe body is merged after all of its fragments, and command-line overrides
-(``trainer.max_steps=20``, ``adapter.budget=0.5%``) last. ``${a.b}`` interpolations are resolved
-after everything is merged. An entry may also be a path ending in ``.yaml`` (relative to the file
+(``trainer.max_steps=20``, ``adapter.budget=0.5%``) last; then every key the sections defined by
+:mod:`adarank.config.structured` leave out gets its default. ``${a.b}`` interpolations are
+resolved after everything is merged. An entry may also be a path ending in ``.yaml`` (relative to the file
 that lists it).
 
 Where the files are: ``adarank/recipes`` and ``adarank/configs`` ship inside the package (package
@@ -35,6 +36,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from adarank.config.errors import ConfigError
+from adarank.config.structured import fill_defaults
 
 __all__ = [
     "configs_dir",
@@ -232,7 +234,8 @@ def load_config(
         now: timestamp for the default run directory (tests).
 
     Returns:
-        the config; ``run.dir`` defaults to ``runs/<recipe>-<YYYYmmdd-HHMMSS>``.
+        the config with every default of :mod:`adarank.config.structured` filled in;
+        ``run.dir`` defaults to ``runs/<recipe>-<YYYYmmdd-HHMMSS>``.
     """
     path = resolve_recipe(recipe)
     body, extra = _compose(path), parse_overrides(overrides)
@@ -244,6 +247,7 @@ def load_config(
         ) from err
     try:
         _run_defaults(cfg, path, now)
+        fill_defaults(cfg)
         if resolve:
             OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:

@@ -67,20 +67,19 @@ def build_loggers(cfg: DictConfig | Mapping, run_dir: Path) -> list:
     """CSV and/or W&B loggers under ``<run_dir>/logs`` per the ``logger`` section."""
     from lightning.pytorch.loggers import CSVLogger
 
-    plain = _plain(cfg)
-    log = plain.get("logger") or {}
+    from adarank.config.structured import typed
+
+    plain = typed(cfg)
+    log = plain["logger"]
     loggers: list = []
-    if log.get("csv", True):
+    if log["csv"]:
         loggers.append(CSVLogger(save_dir=str(run_dir / "logs"), name="csv"))
-    if log.get("wandb", False):
+    if log["wandb"]:
         from adarank.lightning import make_wandb_logger
 
         loggers.append(
             make_wandb_logger(
-                log.get("wandb_project", "adarank"),
-                run_dir / "logs",
-                log.get("wandb_mode", "offline"),
-                name=(plain.get("run") or {}).get("name"),
+                log["wandb_project"], run_dir / "logs", log["wandb_mode"], name=plain["run"]["name"]
             )
         )
     loggers += _extras(plain, "logger", save_dir=str(run_dir / "logs"))
@@ -108,10 +107,12 @@ def _extras(plain: dict, section: str, **injected: Any) -> list:
 
 def build_callbacks(cfg: DictConfig | Mapping, run_dir: Path) -> list[Callback]:
     """Checkpoint, rank trajectory, adapter snapshots, the validation tracker, ``extra``."""
+    from adarank.config.structured import typed
     from adarank.lightning import AdapterSnapshot, RankTrajectoryLogger
 
-    cb = _plain(cfg).get("callbacks") or {}
-    every = cb.get("checkpoint_every_n_steps")
+    plain = typed(cfg)
+    cb = plain["callbacks"]
+    every = cb["checkpoint_every_n_steps"]
     return [
         ModelCheckpoint(
             dirpath=str(run_dir / "checkpoints"),
@@ -119,15 +120,11 @@ def build_callbacks(cfg: DictConfig | Mapping, run_dir: Path) -> list[Callback]:
             save_last=True,
             every_n_train_steps=every or None,
         ),
-        RankTrajectoryLogger(
-            run_dir, heatmap_every_n_events=int(cb.get("heatmap_every_n_events", 0))
-        ),
-        AdapterSnapshot(
-            run_dir / "snapshots", every_n_steps=int(cb.get("snapshot_every_n_steps", 0))
-        ),
+        RankTrajectoryLogger(run_dir, heatmap_every_n_events=cb["heatmap_every_n_events"]),
+        AdapterSnapshot(run_dir / "snapshots", every_n_steps=cb["snapshot_every_n_steps"]),
         ValidationTracker(),
-        *_generation_callbacks(_plain(cfg), run_dir),
-        *_extras(_plain(cfg), "callbacks"),
+        *_generation_callbacks(plain, run_dir),
+        *_extras(plain, "callbacks"),
     ]
 
 
@@ -144,7 +141,7 @@ def _generation_callbacks(plain: dict, run_dir: Path) -> list[Callback]:
         return []
     from adarank.lightning.generation import GenerationEvaluator
 
-    options = (plain.get("callbacks") or {}).get("generation") or {}
+    options = plain["callbacks"]["generation"] or {}
     return [GenerationEvaluator(run_dir, **options)]
 
 

@@ -1,8 +1,9 @@
 """Check a composed config without building anything (no model, no data loading).
 
-Checks: unknown sections and keys (against :mod:`adarank.config.schema` and, for ``model``,
-``data`` and ``trainer``, the signatures of the builders and of ``lightning.Trainer``), value
-types, the budget string, the init strategy, the budget schedule (a ``BudgetSchedule`` is
+Checks: unknown sections and keys and value types (against the dataclasses of
+:mod:`adarank.config.structured`, then OmegaConf's own checks when the config is merged onto
+``OmegaConf.structured(AdaRankConfig)``; for ``model``, ``data`` and ``trainer``, against the
+signatures of the builders and of ``lightning.Trainer``), the budget string, the init strategy, the budget schedule (a ``BudgetSchedule`` is
 constructed when the number of steps is known — it is a pure dataclass), and data files and
 their columns (the header only is read). Every problem is collected, then one
 :class:`ConfigError` lists them all; each message names the key, the value and what was
@@ -11,6 +12,7 @@ expected.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import typing
 from collections.abc import Mapping
@@ -29,17 +31,13 @@ from adarank.config.instantiate import (
     signature_params,
 )
 from adarank.config.schema import (
-    ADAPTER_KEYS,
-    CALLBACK_KEYS,
     COMPONENT_SECTIONS,
-    LOGGER_KEYS,
     MODULE_ARGS,
-    RUN_KEYS,
     SECTIONS,
     TRAINER_RESERVED,
     init_strategies,
-    module_section_keys,
 )
+from adarank.config.structured import fill_defaults, section_types, structured_problems
 from adarank.config.validate_values import (
     nonfinite_problems,
     optimizer_problems,
@@ -49,8 +47,6 @@ from adarank.config.validate_values import (
 )
 
 __all__ = ["schedule_for", "validate_config"]
-
-_WANDB_MODES = ("online", "offline", "disabled")
 
 
 def _name(annotation: Any) -> str:
@@ -230,7 +226,11 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
     Args:
         cfg: a composed config (see :func:`adarank.config.load_config`).
     """
-    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    if isinstance(cfg, DictConfig):
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    else:
+        plain = copy.deepcopy(dict(cfg))
+    fill_defaults(plain)  # the value checks below see every key
     problems: list[str] = []
     for key, value in plain.items():
         if key not in SECTIONS:
@@ -239,10 +239,10 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
             )
     if "description" in plain and not isinstance(plain["description"], str):
         problems.append(f"description={plain['description']!r}: expected a string")
-    seed = plain.get("seed", 0)
+    seed = plain.get("seed")
     if not check_type(seed, int):
         problems.append(f"seed={seed!r}: wrong type {type(seed).__name__}; expected int")
-    problems += _check_keys("run", plain.get("run"), RUN_KEYS)
+    problems += _check_keys("run", plain.get("run"), section_types("run"))
     for section in COMPONENT_SECTIONS:
         node = plain.get(section)
         if not isinstance(node, Mapping):
@@ -257,7 +257,7 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
     if isinstance(plain.get("data"), Mapping) and COMPONENT_KEY in plain["data"]:
         problems += _data_file_problems(plain["data"])
     adapter = plain.get("adapter") or {}
-    problems += _check_keys("adapter", adapter, ADAPTER_KEYS)
+    problems += _check_keys("adapter", adapter, section_types("adapter"))
     final_budget = None
     if isinstance(adapter, Mapping):
         if adapter.get("target_modules") in (None, [], ""):
@@ -265,15 +265,15 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
                 f"adapter.target_modules={adapter.get('target_modules')!r}: expected at least one module name pattern"
             )
         problems += target_module_problems(adapter.get("target_modules"))
-        scaling = adapter.get("scaling", 1.0)
+        scaling = adapter.get("scaling")
         if isinstance(scaling, (int, float)) and scaling == 0:
             problems.append("adapter.scaling=0: ΔW would stay zero; expected a non-zero number")
-        init = adapter.get("init", "lora")
+        init = adapter.get("init")
         if isinstance(init, str) and init not in init_strategies():
             problems.append(
                 f"adapter.init={init!r}: unknown strategy; expected one of {list(init_strategies())}"
             )
-        factor_init = adapter.get("factor_init", "svd")
+        factor_init = adapter.get("factor_init")
         if factor_init not in ("svd", "lora"):
             problems.append(
                 f"adapter.factor_init={factor_init!r}: expected 'svd' (λ = 0, orthonormal P, Q) "
@@ -294,7 +294,7 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
         node = plain.get(section)
         if section == "optimizer" and optimizer_component(node)[0] is not None:
             node = {k: v for k, v in node.items() if k in MODULE_ARGS["optimizer"]}
-        problems += _check_keys(section, node, module_section_keys(section))
+        problems += _check_keys(section, node, section_types(section))
     opt = plain.get("optimizer") or {}
     if isinstance(opt, Mapping):
         problems += optimizer_problems(opt, OPTIMIZERS)
@@ -303,14 +303,18 @@ def validate_config(cfg: DictConfig | Mapping) -> None:
     problems += trainer_value_problems(plain.get("trainer"))
     seen = {p.split("=", 1)[0] for p in problems}
     problems += [p for p in nonfinite_problems(plain) if p.split("=", 1)[0] not in seen]
-    problems += _check_keys("logger", plain.get("logger"), LOGGER_KEYS)
+    from adarank.lightning.wandb_utils import WANDB_MODES
+
+    problems += _check_keys("logger", plain.get("logger"), section_types("logger"))
     log = plain.get("logger") or {}
-    if isinstance(log, Mapping) and log.get("wandb_mode") not in (None, *_WANDB_MODES):
+    if isinstance(log, Mapping) and log.get("wandb_mode") not in (None, *WANDB_MODES):
         problems.append(
-            f"logger.wandb_mode={log.get('wandb_mode')!r}: expected one of {list(_WANDB_MODES)} or null"
+            f"logger.wandb_mode={log.get('wandb_mode')!r}: expected one of {list(WANDB_MODES)} or null"
         )
-    problems += _check_keys("callbacks", plain.get("callbacks"), CALLBACK_KEYS)
+    problems += _check_keys("callbacks", plain.get("callbacks"), section_types("callbacks"))
     problems += _generation_problems(plain.get("callbacks"))
+    seen = {p.split("=", 1)[0] for p in problems}
+    problems += [p for p in structured_problems(plain) if p.split("=", 1)[0] not in seen]
     if not problems:
         problems += _schedule_problems(plain, final_budget)
     if problems:

@@ -67,28 +67,29 @@ def trainer_value_problems(trainer: Any) -> list[str]:
 
 
 def optimizer_problems(opt: Mapping, optimizers: tuple[str, ...]) -> list[str]:
+    """The ``optimizer`` section's values (a missing key: nothing to check; None: the default)."""
     from adarank.lightning.divergence import NONFINITE_POLICIES
 
     problems = []
-    name = opt.get("name", "adamw")
-    if name not in optimizers and not (name is None and opt.get("_component_") is not None):
-        problems.append(f"optimizer.name={opt.get('name')!r}: expected one of {list(optimizers)}")
+    name = opt.get("name")
+    if name is not None and name not in optimizers:
+        problems.append(f"optimizer.name={name!r}: expected one of {list(optimizers)}")
     for key in ("lr", "head_lr"):
         lr = opt.get(key)
         if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr <= 0:
             problems.append(f"optimizer.{key}={lr!r}: expected a positive number")
-    wd = opt.get("weight_decay", 0.0)
+    wd = opt.get("weight_decay")
     if isinstance(wd, (int, float)) and not isinstance(wd, bool) and wd < 0:
         problems.append(f"optimizer.weight_decay={wd!r}: expected a number ≥ 0")
-    wr = opt.get("warmup_ratio", 0.0)
+    wr = opt.get("warmup_ratio")
     if isinstance(wr, (int, float)) and not 0 <= wr < 1:
         problems.append(f"optimizer.warmup_ratio={wr!r}: expected a fraction in [0, 1)")
-    policy = opt.get("nonfinite", "fail")
+    policy = opt.get("nonfinite")
     if isinstance(policy, str) and policy not in NONFINITE_POLICIES:
         problems.append(
             f"optimizer.nonfinite={policy!r}: expected one of {list(NONFINITE_POLICIES)}"
         )
-    skips = opt.get("max_skipped_steps", 0)
+    skips = opt.get("max_skipped_steps")
     if isinstance(skips, int) and skips < 0:
         problems.append(f"optimizer.max_skipped_steps={skips!r}: expected an integer ≥ 0")
     return problems

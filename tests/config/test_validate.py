@@ -123,3 +123,65 @@ def test_budget_forms_accepted() -> None:
 )
 def test_check_type(value, annotation, ok: bool) -> None:
     assert check_type(value, annotation) is ok
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("adapter.scaling=abc", "adapter.scaling='abc': wrong type str; expected float"),
+        ("optimizer.max_skipped_steps=2.5", "optimizer.max_skipped_steps=2.5: wrong type float"),
+        ("logger.csv=maybe", "logger.csv='maybe': wrong type str; expected bool"),
+        ("callbacks.extra={a: 1}", "callbacks.extra={'a': 1}: wrong type dict; expected list"),
+        ("adapter.budget=[1]", "adapter.budget=[1]: wrong type list; expected int | str | None"),
+    ],
+)
+def test_structured_schema_rejects_a_wrong_type(override: str, message: str) -> None:
+    """The OmegaConf merge onto the dataclasses rejects it, naming the key, value and type."""
+    from adarank.config.structured import structured_problems
+
+    cfg = load_config("planted", [override])
+    assert any(p.startswith(message) for p in structured_problems(cfg)), structured_problems(cfg)
+    assert message in _problems([override], "planted")
+
+
+def test_typed_config_has_every_default_and_the_field_types() -> None:
+    from adarank.allocation.budget import SCHEDULE_DEFAULTS
+    from adarank.config.structured import section_defaults, typed
+
+    plain = typed({"adapter": {"scaling": 2, "budget": "1k"}, "seed": 3})
+    assert plain["adapter"]["scaling"] == 2.0 and isinstance(plain["adapter"]["scaling"], float)
+    assert plain["adapter"]["budget"] == "1k" and plain["seed"] == 3
+    assert plain["schedule"] == section_defaults("schedule")
+    assert {k: plain["schedule"][k] for k in SCHEDULE_DEFAULTS} == SCHEDULE_DEFAULTS
+    with pytest.raises(ConfigError, match=r"optimizer.lr='fast': wrong type str; expected float"):
+        typed({"optimizer": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match=r"adapter.bugdet=5: unknown key; expected one of"):
+        typed({"adapter": {"bugdet": 5}})
+
+
+def test_load_config_fills_the_schema_defaults(tmp_path: Path) -> None:
+    from adarank.config.structured import section_defaults
+
+    recipe = tmp_path / "bare.yaml"
+    recipe.write_text(
+        "defaults: [model/planted, data/planted, trainer/cpu]\n"
+        "adapter: {target_modules: ['re:blocks\\.\\d+'], budget: 6192}\n"
+        "schedule: {interval: 25}\n"
+    )
+    cfg = load_config(recipe)
+    assert cfg.seed == 0 and cfg.data.seed == 0  # ${seed} resolves to the default
+    assert cfg.schedule.interval == 25  # the recipe's value wins
+    for section in ("adapter", "allocation", "optimizer", "logger", "callbacks"):
+        defaults = section_defaults(section)
+        given = {"adapter": {"target_modules", "budget"}}.get(section, set())
+        assert {k: v for k, v in cfg[section].items() if k not in given} == {
+            k: v for k, v in defaults.items() if k not in given
+        }, section
+    validate_config(cfg)
+
+
+def test_cli_exits_2_naming_the_key(capsys: pytest.CaptureFixture) -> None:
+    from adarank.cli import main
+
+    assert main(["validate", "planted", "schedule.warmup_frac=most"]) == 2
+    assert "schedule.warmup_frac='most': wrong type str; expected float" in capsys.readouterr().err
