@@ -165,8 +165,12 @@ def shard_frozen_base(
     """
     from torch.distributed.fsdp import fully_shard
 
-    units = shard_units(model)
-    if not is_sharded(model):
+    if is_sharded(model):  # (fully_shard renamed the classes: list the units it made)
+        fsdp = _fsdp_module_type()
+        units = [n for n, m in model.named_modules() if n and isinstance(m, fsdp)]
+        units.sort(key=lambda n: -n.count("."))
+    else:
+        units = shard_units(model)
         ignored = set(replicated_parameters(model).values())
         for name in units:
             fully_shard(

@@ -72,6 +72,7 @@ def main(out_dir: str) -> None:
 
     report = shard_frozen_base(model, mesh)
     out["report"] = vars(report)
+    out["report_again"] = vars(shard_frozen_base(model, mesh))  # already sharded: unchanged
     out["sharded_numel"] = sharded_numel(model)
     out["frozen"] = sorted(n for n, p in reference.named_parameters() if not p.requires_grad)
     out["trainable"] = sorted(n for n, p in reference.named_parameters() if p.requires_grad)

@@ -60,6 +60,7 @@ def test_frozen_parameters_are_sharded_trainable_ones_replicated(results: list[d
         assert report["local_numel"] * 2 == report["global_numel"]
         assert res["sharded_numel"] == (report["local_numel"], report["global_numel"])
         assert res["after_type"] == "DTensor"  # still sharded after the gather below
+        assert res["report_again"] == report  # sharding twice changes nothing
 
 
 def test_averaged_gradients_equal_the_single_process_gradient(results: list[dict]) -> None:
