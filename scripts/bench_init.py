@@ -37,7 +37,8 @@ INITS = ("lora", "svd", "covariance", "activations", "gradient")
 
 def planted_run(task, init: str, lr: float, seed: int, args) -> dict:
     model = copy.deepcopy(task.model)
-    add_adapters(model, "re:blocks\\.\\d+", args.rank, seed=seed)
+    # scaling 1 (not add_adapters' default 16): the setting docs/init.md reports
+    add_adapters(model, "re:blocks\\.\\d+", args.rank, scaling=1.0, seed=seed)
     g = torch.Generator().manual_seed(seed)
     n = task.x_train.shape[0]
 
@@ -131,7 +132,9 @@ def rt_run(init: str, seed: int, data, args) -> dict:
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     targets = ["query", "key", "value", "attention.output.dense", "intermediate.dense"]
-    add_adapters(model, targets + ["output.dense"], 8, modules_to_save=["classifier"], seed=seed)
+    add_adapters(
+        model, targets + ["output.dense"], 8, scaling=1.0, modules_to_save=["classifier"], seed=seed
+    )
 
     def encode(idx: list[int]) -> dict:
         enc = tok(
@@ -233,7 +236,7 @@ def bench_overhead(args) -> list[dict]:
 
     def fresh():
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-        add_adapters(model, targets, 8, modules_to_save=["classifier"], seed=0)
+        add_adapters(model, targets, 8, scaling=1.0, modules_to_save=["classifier"], seed=0)
         return model
 
     model = fresh()
