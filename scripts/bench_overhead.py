@@ -7,8 +7,9 @@ Configurations (same target modules, same parameter budget = PEFT LoRA r=8's ada
     * ``adaptive1x`` — SVDLoRALinear at rank 8 + RankController at a constant budget (init =
       final = LoRA r=8's count): ranks move between layers by prune + grow, the adapter never
       exceeds the budget;
-    * ``fixed``     — SVDLoRALinear at rank 8, no controller (allocation off);
-    * ``nostats``   — as ``fixed`` with ``track_stats = False`` (profiling: the per-step (Qx)²
+    * ``fixed``     — SVDLoRALinear at rank 8, no controller (allocation off), with the
+      statistics' capture hooks a controller installs;
+    * ``nostats``   — as ``fixed`` without the capture hooks (profiling: the per-step (Qx)²
       statistics switched off);
     * ``lora``      — PEFT LoRA r=8;
     * ``adalora``   — PEFT AdaLoRA init_r=12 → target_r=8, ``update_and_allocate(step)`` after
@@ -89,10 +90,10 @@ def build_model(kind: str, smoke: bool, seed: int = 0):
     raise ValueError(f"model={kind!r}: expected one of {MODELS}")
 
 
-def _capture_bytes(layer) -> int:
+def _capture_bytes(capture) -> int:
     """Bytes held by a layer's gradient capture (every ``captured_*`` tensor or tensor list)."""
     total = 0
-    for key, value in vars(layer).items():
+    for key, value in vars(capture).items():
         if not key.startswith("captured_"):
             continue
         for t in value if isinstance(value, (list, tuple)) else [value]:
@@ -125,7 +126,7 @@ def worker(
     """
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
-    from adarank.allocation import BudgetSchedule, RankController
+    from adarank.allocation import BudgetSchedule, RankController, install_capture
     from adarank.modules import add_adapters
 
     model, regex = build_model(model_kind, smoke)
@@ -136,8 +137,8 @@ def worker(
     controller = peft_model = layers = None
     if config in ("adaptive", "adaptive1x", "fixed", "nostats"):
         layers = add_adapters(model, ["re:" + regex], 12 if config == "adaptive" else 8, seed=0)
-        for la in layers.values():
-            la.track_stats = config != "nostats"
+        if config == "fixed":  # the per-step (Qx)² statistics a controller's hooks record
+            install_capture(layers)
         if config.startswith("adaptive"):
             start = sum(la.live_params for la in layers.values())
             sched = BudgetSchedule(
@@ -200,7 +201,8 @@ def worker(
     wall, cpu, kind, capture_peak, state_peak = [], [], [], 0, 0
     for step in range(1, steps + 1):
         ids = data[step % len(data)]
-        capturing = bool(layers) and any(la._capture for la in layers.values())
+        caps = controller.capture.values() if controller is not None else ()
+        capturing = any(cap.capturing for cap in caps)
         sync()
         t0, c0 = time.perf_counter(), time.thread_time()
         labels = ids if model_kind == "gpt2" else cls
@@ -210,7 +212,7 @@ def worker(
             loss = loss + controller.regularizer()
         loss.backward()
         if capturing:
-            capture_peak = max(capture_peak, sum(_capture_bytes(la) for la in layers.values()))
+            capture_peak = max(capture_peak, sum(_capture_bytes(cap) for cap in caps))
         if controller is not None:
             controller.observe()
         opt.step()

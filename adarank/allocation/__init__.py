@@ -1,8 +1,10 @@
 """Rank allocation engine (torch + numpy only): budget, schedule, importance, allocation,
-growth and the :class:`RankController` that a training loop drives."""
+growth, the capture hooks that record what allocation measures, and the :class:`RankController`
+that a training loop drives."""
 
 from adarank.allocation.allocator import AllocationPlan, allocate
 from adarank.allocation.budget import DECAYS, BudgetSchedule, resolve_budget
+from adarank.allocation.capture import CaptureSet, LayerCapture, install_capture
 from adarank.allocation.controller import AllocationEvent, RankController
 from adarank.allocation.growth import Candidates, growth_candidates, input_energy, randomized_svd
 from adarank.allocation.importance import (
@@ -23,7 +25,9 @@ __all__ = [
     "AllocationPlan",
     "BudgetSchedule",
     "Candidates",
+    "CaptureSet",
     "EnergyScorer",
+    "LayerCapture",
     "MagnitudeScorer",
     "RankController",
     "Scorer",
@@ -31,6 +35,7 @@ __all__ = [
     "allocate",
     "growth_candidates",
     "input_energy",
+    "install_capture",
     "make_scorer",
     "orthogonality_penalty",
     "randomized_svd",

@@ -7,7 +7,10 @@
         optimizer.step()
         controller.step(global_step)    # optimizer steps taken so far; may prune and grow
         optimizer.zero_grad()
+    controller.close()                  # takes its capture hooks off the layers
 
+What it measures during forward/backward (Σ (Qx)², growth sketches) is recorded by the hooks of
+:mod:`adarank.allocation.capture`, which the controller installs on its layers when it is built.
 At each allocation step of the :class:`BudgetSchedule` it scores the live triplets, proposes
 growth candidates from the gradient of ΔW captured during that step, solves the cost-aware
 allocation (:func:`allocate`), resizes the layers and re-indexes the optimizer state. New
@@ -28,6 +31,7 @@ import torch
 
 from adarank.allocation.allocator import allocate
 from adarank.allocation.budget import BudgetSchedule
+from adarank.allocation.capture import install_capture
 from adarank.allocation.growth import candidates_from_sketch, sketch_test_matrices
 from adarank.allocation.importance import Scorer, make_scorer
 from adarank.allocation.optim_sync import replace_parameter
@@ -162,6 +166,9 @@ class RankController:
         self._observed_since_step = False
         self._warned: set[str] = set()
         self.alloc_time_s = 0.0
+        # the hooks that record Σ (Qx)² and the growth sketches (removed by close())
+        self.capture = install_capture(self.layers)
+        self._closed = False
         self._set_capture(1)
 
     # ------------------------------------------------------------------ helpers
@@ -203,6 +210,26 @@ class RankController:
         births = sum(t.numel() * t.element_size() for t in self._birth.values())
         return self.scorer.memory_bytes() + births
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Remove the capture hooks from the layers (idempotent).
+
+        The layers, history and ``state_dict()`` stay usable; ``observe()`` and ``step()`` no
+        longer are.
+        """
+        self.capture.remove()
+        self._closed = True
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(
+                f"RankController.{what}() after close(): its capture hooks were removed; "
+                "build a new RankController to allocate again"
+            )
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -224,13 +251,13 @@ class RankController:
         for i, (name, layer) in enumerate(self.layers.items()):
             room = self.max_rank[name] - layer.rank
             if not want or room <= 0:
-                layer.capture_gradient(False)
+                self.capture[name].capture_gradient(False)
                 continue
             k = min(self.candidates_per_layer, room)
             sketch = sketch_test_matrices(
                 layer.lora_P, layer.lora_Q, k, seed=self._sketch_seed(next_step, i)
             )
-            layer.capture_gradient(True, sketch=sketch)
+            self.capture[name].capture_gradient(True, sketch=sketch)
 
     # ------------------------------------------------------------------ observe
     def observe(self) -> None:
@@ -240,26 +267,27 @@ class RankController:
         (:func:`~adarank.allocation.step_stats.gather_step_stats`: one all-reduce under DDP, one
         device→host copy) and the scorer updates every slot in a few vectorised operations.
         """
+        self._check_open("observe")
         self._observed_since_step = True
         dist = _dist()
-        st = gather_step_stats(self.layers, self.scorer, dist, self._warn_once)
+        st = gather_step_stats(self.layers, self.capture, self.scorer, dist, self._warn_once)
         self.scorer.update_batch(st.layers, st.z_sum, st.counts, st.stats, st.valid)
-        for (name, layer), ok in zip(st.layers, st.valid):
+        for (name, _), ok in zip(st.layers, st.valid):
             if ok:
-                self._consume_sketch(name, layer, dist)
+                self._consume_sketch(name, self.capture[name], dist)
 
-    def _consume_sketch(self, name, layer, dist) -> None:
-        if layer.captured_sketch is not None and layer.captured_tokens:
-            y, w = layer.captured_sketch
+    def _consume_sketch(self, name, cap, dist) -> None:
+        if cap.captured_sketch is not None and cap.captured_tokens:
+            y, w = cap.captured_sketch
             if dist is not None:
                 yw = torch.cat([y.flatten(), w.flatten()])
                 dist.all_reduce(yw)
                 yw /= dist.get_world_size()  # DDP averages gradients across processes
                 y, w = yw[: y.numel()].view_as(y), yw[y.numel() :].view_as(w)
-            psi = layer._sketch[1]
-            samples = layer.captured_inputs().detach().cpu()
+            psi = cap.sketch[1]
+            samples = cap.captured_inputs().detach().cpu()
             self._captured[name] = (y.detach().cpu(), w.detach().cpu(), psi.cpu(), samples)
-        layer.capture_gradient(False)
+        cap.capture_gradient(False)
 
     # ------------------------------------------------------------------ step
     def step(self, global_step: int) -> AllocationEvent | None:
@@ -270,6 +298,7 @@ class RankController:
         """
         if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
             raise ValueError(f"global_step={global_step!r}: expected a non-negative int")
+        self._check_open("step")
         self.global_step = global_step
         event = None
         if self.schedule is not None and self.schedule.is_allocation_step(global_step):
@@ -385,6 +414,7 @@ class RankController:
             new_state = self.scorer.new_slot_state(
                 cand.sigma[new_idx].cpu(), cand.energy_in[new_idx].cpu(), layer.scaling
             )
+        self.capture[name].remap(keep, n_new)
         if self.optimizer is not None:
             new = (layer.lora_P, layer.lora_lambda, layer.lora_Q)
             for o, nw, dim in zip(old, new, (1, 0, 0)):
@@ -470,4 +500,5 @@ class RankController:
         self.history = [AllocationEvent(**e) for e in state["history"]]
         self.alloc_time_s = float(state.get("alloc_time_s", 0.0))
         self._captured = {}
-        self._set_capture(self.global_step + 1)
+        if not self._closed:
+            self._set_capture(self.global_step + 1)

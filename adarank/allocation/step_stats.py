@@ -1,8 +1,8 @@
 """One optimizer step's per-slot statistics of every adapter layer, packed into one buffer.
 
-The controller needs, per live triplet and per step, ``Σ (Qx)²`` (from the forward) and the few
-vectors its scorer asks for (:meth:`~adarank.allocation.importance.Scorer.slot_stats`, e.g. λ,
-‖p‖ and ∂L/∂λ). Gathering them layer by layer would cost a few small operations and a host
+The controller needs, per live triplet and per step, ``Σ (Qx)²`` (recorded in the forward by the
+hooks of :mod:`adarank.allocation.capture`) and the few vectors its scorer asks for
+(:meth:`~adarank.allocation.importance.Scorer.slot_stats`, e.g. λ, ‖p‖ and ∂L/∂λ). Gathering them layer by layer would cost a few small operations and a host
 synchronisation per layer (≈100–150 device syncs per step on a GPU); here every layer's vectors
 are concatenated where the layers live, the token sums are all-reduced once under DDP, and the
 whole buffer is copied to the host once.
@@ -31,6 +31,7 @@ class StepStats:
 
 def gather_step_stats(
     layers: Mapping[str, object],
+    captures: Mapping[str, object],
     scorer,
     dist=None,
     warn: Callable[[str, str], None] = lambda key, message: None,
@@ -39,6 +40,8 @@ def gather_step_stats(
 
     Args:
         layers: ``{name: SVDLoRALinear}``.
+        captures: ``{name: LayerCapture}`` of the same layers
+            (:func:`~adarank.allocation.capture.install_capture`): their forward statistics.
         scorer: the :class:`~adarank.allocation.importance.Scorer` (its ``stat_keys`` and
             ``slot_stats``).
         dist: ``torch.distributed`` when more than one process trains, else ``None``.
@@ -50,7 +53,7 @@ def gather_step_stats(
     s_parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     home = next(iter(layers.values())).lora_lambda.device
     for name, layer in layers.items():
-        z_sum, count = layer.pop_stats()
+        z_sum, count = captures[name].pop_stats()
         stats = scorer.slot_stats(layer) if layer.rank else {}
         if stats is None:
             warn(f"nograd:{name}", f"no gradient for adapter {name!r}: importance update skipped")

@@ -10,10 +10,12 @@ exactly the base model's activations, and the layer names match the adapter's.
   transformer block) share one batch computation. With a mapping batch holding
   ``attention_mask``, padding positions are dropped from inputs shaped like the mask.
   Runs under ``torch.no_grad()`` with the model in eval mode (no dropout).
-* Gradients (``gradient=True``): ``SVDLoRALinear.capture_gradient(True)`` accumulates
+* Gradients (``gradient=True``): the allocator's capture hooks
+  (:func:`adarank.allocation.capture.install_capture`, dense mode, every token) accumulate
   ``G = Σ δ xᵀ`` (the gradient of the loss w.r.t. the full weight); ``forward_fn`` must return
   the loss. The model stays in eval mode except the adapter layers (their capture needs
-  training mode). Parameter gradients and per-slot statistics are restored afterwards.
+  training mode). The hooks are removed afterwards and parameter gradients restored; a
+  controller's capture on the same layers records nothing during the pass.
 
 Under DDP (``torch.distributed`` initialised) the statistics of all processes are merged
 (:func:`all_reduce_accumulators`; gradients are summed), so each rank sees the global result.
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from adarank.allocation.capture import install_capture
 from adarank.init.covariance import SecondMomentAccumulator, all_reduce_accumulators
 from adarank.init.sketch import NystromSketch
 from adarank.modules import SVDLoRALinear, adapter_layers
@@ -203,7 +206,8 @@ def calibrate(
     hooks = _InputHooks(result.covariances, max_tokens_per_batch, seed)
     handles = [layers[n].register_forward_pre_hook(hooks.hook(n)) for n in result.covariances]
     modes = {m: m.training for m in model.modules()}
-    own_flags = {n: layer.__dict__.get("track_stats") for n, layer in layers.items()}
+    # dense gradient capture of every token; pauses any controller's capture of these layers
+    captures = install_capture(layers, stats=False, max_tokens=None) if gradient else {}
     params = [p for p in model.parameters() if p.requires_grad]
     saved_grads = [p.grad for p in params]
     start = time.perf_counter()
@@ -211,13 +215,9 @@ def calibrate(
         for p in params:  # backward accumulates in place: park the caller's gradients
             p.grad = None
         model.eval()
-        for layer in layers.values():
-            # keep the allocator's per-slot statistics clean (instance attribute, restored below)
-            layer.track_stats = False
-            if gradient:
-                layer.train()
-                layer.capture_max_tokens = None  # the init wants the exact accumulated gradient
-                layer.capture_gradient(True)
+        for name, cap in captures.items():
+            layers[name].train()
+            cap.capture_gradient(True)
         for batch in itertools.islice(batches, int(num_batches)):
             mask = batch.get(mask_key) if mask_key and isinstance(batch, Mapping) else None
             hooks.mask = mask.bool() if torch.is_tensor(mask) else None
@@ -230,7 +230,7 @@ def calibrate(
             result.num_batches += 1
         if gradient:
             for name, layer in layers.items():
-                g = layer.captured_grad
+                g = captures[name].captured_grad
                 result.gradients[name] = (
                     torch.zeros(layer.d_out, layer.d_in, dtype=torch.float64)
                     if g is None
@@ -239,13 +239,8 @@ def calibrate(
     finally:
         for h in handles:
             h.remove()
-        for name, layer in layers.items():
-            layer.__dict__.pop("track_stats", None)
-            layer.__dict__.pop("capture_max_tokens", None)
-            if own_flags[name] is not None:
-                layer.track_stats = own_flags[name]
-            if gradient:
-                layer.capture_gradient(False)
+        for cap in captures.values():
+            cap.remove()
         for m, mode in modes.items():
             m.training = mode
         for p, g in zip(params, saved_grads):

@@ -190,8 +190,11 @@ class AdaRankCallback(TrainerCallback):
         }
         # everything but the run's length (known at train()) is checked now
         probe = RankController(adapter_layers(model), None, **self.controller_options)
-        sched = BudgetSchedule.from_fractions(self.param_budget, 10**9, **self.schedule_options)
-        sched.check_bounds(probe.min_params(), probe.max_params())
+        try:
+            sched = BudgetSchedule.from_fractions(self.param_budget, 10**9, **self.schedule_options)
+            sched.check_bounds(probe.min_params(), probe.max_params())
+        finally:
+            probe.close()  # takes its capture hooks off the layers again
         self.seed = seed
         self.log_ranks = bool(log_ranks)
         self.controller: RankController | None = None
@@ -256,6 +259,8 @@ class AdaRankCallback(TrainerCallback):
         )
         torch_optimizer = unwrap_optimizer(optimizer)
         _check_optimizer(torch_optimizer, self.model)
+        if self.controller is not None:  # a previous train() call's hooks come off
+            self.controller.close()
         self.controller = RankController(
             adapter_layers(self.model),
             self.schedule,

@@ -292,6 +292,8 @@ class AdaRankModule(pl.LightningModule):
                 linear_warmup_decay, total_steps=total, warmup_ratio=hp.warmup_ratio
             )
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        if self.controller is not None:  # configured again (another fit): its hooks come off
+            self.controller.close()
         self.controller = None
         if self.param_budget is not None:
             from adarank.allocation import RankController

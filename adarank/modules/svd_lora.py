@@ -21,22 +21,12 @@ directions. With Adam, λ then moves at about ``lr`` per step in units of singul
 which keeps the usable learning-rate band wide (AdaLoRA's std-0.02 init makes the λ-gradients
 tiny; docs/theory.md §Scaling).
 
-Statistics for the allocator (kept here because only the forward sees the inputs):
-    * ``z_sq_sum`` — Σ over tokens of ``(Q x)²`` per live slot, i.e. the input energy along
-      each triplet's right direction, used by the energy importance score;
-    * gradient capture (``capture_gradient(True)``) — accumulates ``G = Σ δ xᵀ`` (the gradient
-      of the loss w.r.t. the full weight, d_out × d_in) and keeps a few input rows, for growth
-      and gradient-based init. At most ``capture_max_tokens`` evenly strided tokens of each
-      forward enter G (rescaled, so G stays an unbiased estimate of the full-batch gradient):
-      the capture costs at most one weight-gradient product of that many tokens, not of the
-      whole batch.
-
-Activation checkpointing re-runs a block's forward inside backward; such a recomputation
-(:func:`in_backward_pass`) adds no statistics, so a step's statistics and captured gradient are
-the same with and without checkpointing. Non-reentrant checkpointing (``build_hf_model``'s):
-the first forward records and captures, the recomputation only rebuilds the same graph.
-Reentrant (first forward under ``no_grad``): statistics come from the first forward, the capture
-(which needs a graph) from the recomputation.
+The layer holds the formula and nothing the allocator measures: ``z = Q·x`` passes through
+the identity submodule ``slot_coords``, where :func:`adarank.allocation.capture.install_capture`
+(used by the ``RankController`` and by gradient-based inits) hooks Σ (Q x)² per slot, and the
+full-weight gradient is captured by hooks on the layer's output. Outside a controller the layer
+has no hooks, and a sharding wrapper sees only its parameters and the ``shift_P``/``shift_Q``
+buffers.
 """
 
 from __future__ import annotations
@@ -50,9 +40,6 @@ from torch import nn
 from adarank.modules.base_layers import in_backward_pass, is_conv1d, is_quantized, linear_shape
 
 __all__ = ["SVDLoRALinear", "in_backward_pass", "is_conv1d", "is_quantized", "linear_shape"]
-
-#: default cap on the tokens of one forward that enter the captured gradient (None: all)
-CAPTURE_MAX_TOKENS = 1024
 
 
 def _orthonormal(rows: int, cols: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -133,9 +120,8 @@ class SVDLoRALinear(nn.Module):
         # adapter files can be applied to the original base weights
         self.register_buffer("shift_P", torch.zeros(self.d_out, 0, device=dev), persistent=True)
         self.register_buffer("shift_Q", torch.zeros(0, self.d_in, device=dev), persistent=True)
-        self._reset_stats()
-        self._capture = False
-        self._reset_capture()
+        # z = Q·x passes through this identity: the allocator's capture hooks it (Σ (Q x)²)
+        self.slot_coords = nn.Identity()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -179,20 +165,12 @@ class SVDLoRALinear(nn.Module):
             w.copy_((w.float() + sign * d.to(w.device)).to(w.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``y = W0 x + scaling · P diag(λ) Q dropout(x)`` (the base output alone when merged)."""
         out = self.base_layer(x)
-        recompute = self.training and in_backward_pass()  # activation checkpointing
-        if self._capture and self.training:
-            out = self._capture_forward(x, out, recompute)
         if self.merged or self.rank == 0:
             return out
         h = self.dropout(x).to(self.lora_Q.dtype)  # the live dtype, also after module.to(dtype)
-        z = h @ self.lora_Q.T  # (..., r)
-        if self.training and self.track_stats and not recompute:
-            with torch.no_grad():
-                if self.z_sq_sum.device != z.device:
-                    self.z_sq_sum = self.z_sq_sum.to(z.device)
-                self.z_sq_sum += z.detach().float().pow(2).reshape(-1, self.rank).sum(0)
-                self.z_count += z.numel() // self.rank
+        z = self.slot_coords(h @ self.lora_Q.T)  # (..., r)
         delta = (z * (self.scaling * self.lora_lambda)) @ self.lora_P.T  # (..., d_out)
         return out + delta.to(out.dtype)
 
@@ -288,7 +266,6 @@ class SVDLoRALinear(nn.Module):
             self._replace(
                 self.lora_P[:, dev_keep], self.lora_lambda[dev_keep], self.lora_Q[dev_keep]
             )
-            self.z_sq_sum = self.z_sq_sum[dev_keep.to(self.z_sq_sum.device)]
         return keep
 
     def grow(
@@ -326,7 +303,6 @@ class SVDLoRALinear(nn.Module):
                 torch.cat([self.lora_lambda, lam.to(like)]),
                 torch.cat([self.lora_Q, q_rows.to(like)], dim=0),
             )
-            self.z_sq_sum = torch.cat([self.z_sq_sum, self.z_sq_sum.new_zeros(k)])
         return range(self.rank - k, self.rank)
 
     def set_rank(self, rank: int) -> None:
@@ -345,113 +321,3 @@ class SVDLoRALinear(nn.Module):
         elif rank > self.rank:
             k = rank - self.rank
             self.grow(torch.zeros(self.d_out, k), torch.zeros(k, self.d_in))
-
-    # ------------------------------------------------------------------ statistics
-    track_stats = True
-
-    def _reset_stats(self) -> None:
-        dev = self.lora_lambda.device
-        self.z_sq_sum = torch.zeros(self.rank, device=dev)
-        self.z_count = 0
-
-    def pop_stats(self) -> tuple[torch.Tensor, int]:
-        """Return and reset ``(Σ (Q x)², token count)`` accumulated since the last call."""
-        out = (self.z_sq_sum, self.z_count)  # handed over, not copied: a fresh sum starts
-        self._reset_stats()
-        return out
-
-    def capture_gradient(
-        self,
-        enabled: bool,
-        sketch: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> None:
-        """Start/stop capturing the full-weight gradient ``G = Σ δ xᵀ`` and sampled inputs.
-
-        Args:
-            enabled: start (True) or stop and clear (False).
-            sketch: optional test matrices ``(omega (d_in, l), psi (l, d_out))``. Then only the
-                single-pass sketches ``Y = G·omega`` (d_out, l) and ``W = psi·G`` (l, d_in) are
-                accumulated (``captured_sketch``) instead of the d_out × d_in matrix: the cost
-                per token is O((d_in + d_out)·l) instead of O(d_in·d_out) (Tropp et al. 2017).
-        """
-        self._capture = bool(enabled)
-        self._reset_capture()
-        if enabled and sketch is not None:
-            omega, psi = sketch
-            if omega.shape[0] != self.d_in or psi.shape[1] != self.d_out:
-                raise ValueError(
-                    f"sketch test matrices must be (d_in={self.d_in}, l) and (l, d_out="
-                    f"{self.d_out}), got {tuple(omega.shape)} and {tuple(psi.shape)}"
-                )
-            dev = self.base_weight.device
-            self._sketch = (omega.float().to(dev), psi.float().to(dev))
-
-    capture_max_tokens: int | None = CAPTURE_MAX_TOKENS
-
-    def _reset_capture(self) -> None:
-        self.captured_grad: torch.Tensor | None = None  # (d_out, d_in) ≈ Σ δ xᵀ over all tokens
-        self.captured_x: list[torch.Tensor] = []  # sampled input rows, each (n_i, d_in)
-        self.captured_tokens = 0  # tokens seen (before subsampling)
-        self.captured_sketch: tuple[torch.Tensor, torch.Tensor] | None = None  # (Y, W)
-        self._sketch: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._deferred_captures = 0  # no-grad forwards whose capture waits for a recomputation
-
-    def captured_inputs(self) -> torch.Tensor:
-        """The sampled input rows of the capture, (n, d_in) float32."""
-        if not self.captured_x:
-            return torch.zeros(0, self.d_in)
-        return torch.cat(self.captured_x)
-
-    def _capture_forward(self, x: torch.Tensor, out: torch.Tensor, recompute: bool) -> torch.Tensor:
-        """Capture once per token whether or not (and however) the block is checkpointed.
-
-        A training-mode forward under ``no_grad`` that is never recomputed (not checkpointing)
-        leaves a deferred capture until the next ``capture_gradient`` call resets it.
-        """
-        if not recompute:
-            if torch.is_grad_enabled():
-                return self._attach_capture(x, out)
-            self._deferred_captures += 1  # reentrant checkpointing: capture when recomputed
-            return out
-        if self._deferred_captures > 0:  # reentrant recomputation: its own graph is backpropagated
-            self._deferred_captures -= 1
-            return self._attach_capture(x, out)
-        # non-reentrant recomputation: the first forward captured already; only rebuild the same
-        # graph (saved tensors must match the first forward's)
-        if torch.is_grad_enabled() and not out.requires_grad:
-            out = out.detach().requires_grad_(True)
-        return out
-
-    def _attach_capture(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        xs = x.detach().reshape(-1, self.d_in).float()
-        n = xs.shape[0]
-        cap = self.capture_max_tokens
-        idx = None
-        if cap is not None and n > cap:
-            idx = torch.arange(0, n, -(-n // cap), device=xs.device)  # evenly strided tokens
-            xs = xs[idx]
-        scale = n / xs.shape[0]
-        with torch.no_grad():
-            self.captured_x.append(xs)
-            self.captured_tokens += n
-        if not out.requires_grad:  # e.g. first layer of a frozen model with rank 0
-            out = out.detach().requires_grad_(True)
-
-        def hook(grad: torch.Tensor) -> None:
-            g2 = grad.detach().reshape(-1, self.d_out)
-            if idx is not None:
-                g2 = g2[idx]
-            g2 = g2.float() * scale if scale != 1.0 else g2.float()
-            if self._sketch is not None:
-                omega, psi = self._sketch
-                y = g2.T @ (xs @ omega)  # (d_out, l) = G·omega
-                w = (g2 @ psi.T).T @ xs  # (l, d_in) = psi·G
-                if self.captured_sketch is not None:
-                    y, w = y + self.captured_sketch[0], w + self.captured_sketch[1]
-                self.captured_sketch = (y, w)
-                return
-            g = g2.T @ xs  # (d_out, d_in)
-            self.captured_grad = g if self.captured_grad is None else self.captured_grad + g
-
-        out.register_hook(hook)
-        return out

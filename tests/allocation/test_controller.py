@@ -280,7 +280,8 @@ def test_vectorised_observe_equals_per_layer_updates(scorer):
             ctrl.layers[names[2]].lora_lambda.grad[1] = float("inf")
         expected = {}
         for name, layer in ctrl.layers.items():  # reference: one layer at a time, float64
-            z_sum, count = layer.z_sq_sum.double().clone(), layer.z_count
+            cap = ctrl.capture[name]
+            z_sum, count = cap.z_sq_sum.double().clone(), cap.z_count
             stats = ref.slot_stats(layer) if layer.rank else {}
             stats = {k: v.double().clone() for k, v in (stats or {}).items()}
             ok = all(torch.isfinite(v).all() for v in (z_sum, *stats.values()))

@@ -7,8 +7,10 @@ import torch
 from conftest import TARGETS, make_batches, tiny_bert, with_adapters
 from torch import nn
 
+from adarank.allocation import RankController
+from adarank.allocation.capture import installed
 from adarank.init import calibrate
-from adarank.modules import match_name
+from adarank.modules import adapter_layers, match_name
 
 
 def _targets(model: nn.Module) -> dict[str, nn.Linear]:
@@ -76,13 +78,23 @@ def test_gradient_matches_autograd_full_weight_gradient(batches):
     ref = reference_gradients(batches[:3])
     for name, g in ref.items():
         torch.testing.assert_close(result.gradients[name], g, rtol=1e-4, atol=1e-6)
-    # the pass leaves no trace: gradients, modes, capture buffers and slot statistics restored
+    # the pass leaves no trace: gradients and modes restored, its capture hooks removed
     assert torch.equal(head.grad, torch.ones_like(head))
     assert {n: m.training for n, m in model.named_modules()} == training
-    for layer in model.modules():
-        if hasattr(layer, "captured_grad"):
-            assert layer.captured_grad is None and layer.z_count == 0
-            assert "track_stats" not in layer.__dict__
+    for layer in adapter_layers(model).values():
+        assert installed(layer) == []
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules())
+
+
+def test_gradient_pass_leaves_a_controllers_statistics_alone(batches):
+    """A controller's capture on the same layers records nothing during calibration and
+    records again afterwards (its statistics stay those of training)."""
+    model = with_adapters()
+    ctrl = RankController(adapter_layers(model), None)
+    calibrate(model, batches, num_batches=2, covariance=False, gradient=True)
+    assert all(cap.z_count == 0 for cap in ctrl.capture.values())
+    assert all(installed(la) == [ctrl.capture[n]] for n, la in adapter_layers(model).items())
+    ctrl.close()
 
 
 def test_token_subsampling_bounds_rows_and_is_seeded(batches):

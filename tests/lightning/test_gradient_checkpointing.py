@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import adarank.modules.svd_lora as svd_lora
-from adarank.allocation import BudgetSchedule, RankController
+import adarank.allocation.capture as capture
+from adarank.allocation import BudgetSchedule, RankController, install_capture
 from adarank.models import build_hf_model
 from adarank.modules import add_adapters
 
@@ -63,14 +63,15 @@ def _observe_step(mode: str):
         final_budget=2000, total_steps=20, warmup_steps=1, final_steps=4, interval=1
     )
     controller = RankController(layers, schedule, seed=0)  # arms the sketches of step 1
-    assert all(layer._sketch is not None for layer in layers.values())
+    caps = controller.capture
+    assert all(cap.sketch is not None for cap in caps.values())
     _backward(model)
     out = {
-        "z": {n: (layer.z_sq_sum.clone(), layer.z_count) for n, layer in layers.items()},
+        "z": {n: (cap.z_sq_sum.clone(), cap.z_count) for n, cap in caps.items()},
         "grads": _grads(layers),
-        "sketch": {n: layer.captured_sketch for n, layer in layers.items()},
-        "tokens": {n: layer.captured_tokens for n, layer in layers.items()},
-        "inputs": {n: layer.captured_inputs() for n, layer in layers.items()},
+        "sketch": {n: cap.captured_sketch for n, cap in caps.items()},
+        "tokens": {n: cap.captured_tokens for n, cap in caps.items()},
+        "inputs": {n: cap.captured_inputs() for n, cap in caps.items()},
     }
     controller.observe()
     out["scorer"] = controller.scorer.state_dict()
@@ -105,10 +106,11 @@ def test_one_step_statistics_match_without_checkpointing(reference, mode: str) -
 @pytest.mark.parametrize("mode", MODES[1:])
 def test_recomputation_is_exercised(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     """Without the recomputation guard the statistics double (so the test above can fail)."""
-    monkeypatch.setattr(svd_lora, "in_backward_pass", lambda: False)
+    monkeypatch.setattr(capture, "in_backward_pass", lambda: False)
     model, layers = _build(mode)
+    caps = install_capture(layers)
     _backward(model)
-    assert {layer.z_count for layer in layers.values()} == {2 * 4 * 16}
+    assert {cap.z_count for cap in caps.values()} == {2 * 4 * 16}
 
 
 def _train(mode: str, steps: int = 10):

@@ -1,4 +1,5 @@
-"""SVDLoRALinear under torch.utils.checkpoint: statistics and captured gradients count once.
+"""SVDLoRALinear under torch.utils.checkpoint: statistics and captured gradients (the capture
+hooks of adarank.allocation.capture) count once.
 
 A small MLP (the first layer at rank 0 so that its output needs no gradient of its own) runs
 plain, with non-reentrant and with reentrant checkpointing. The captured ``G = Σ δ xᵀ`` must
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from adarank.allocation import install_capture
 from adarank.modules import add_adapters
 from adarank.modules.svd_lora import in_backward_pass
 
@@ -47,20 +49,21 @@ def test_capture_and_stats_count_each_token_once(mode: str) -> None:
     body = _mlp()
     layers = add_adapters(body, ["0", "2", "4"], {"0": 0, "2": 3, "4": 2}, seed=0)
     model = Checkpointed(body, mode).train()
-    for layer in layers.values():
-        layer.capture_gradient(True)
-        layer.capture_max_tokens = None
+    captures = install_capture(layers, max_tokens=None)
+    for cap in captures.values():
+        cap.capture_gradient(True)
     # reentrant checkpointing back-propagates only from inputs that need a gradient (what
     # transformers' enable_input_require_grads does for a frozen embedding)
     model(x.clone().requires_grad_(mode == "reentrant")).pow(2).sum().backward()
     for name, layer in layers.items():
-        assert layer.captured_tokens == 35, (mode, name)
-        assert torch.allclose(layer.captured_grad, ref[name], rtol=1e-5, atol=1e-6), (mode, name)
-        assert layer.captured_inputs().shape == (35, layer.d_in)
+        cap = captures[name]
+        assert cap.captured_tokens == 35, (mode, name)
+        assert torch.allclose(cap.captured_grad, ref[name], rtol=1e-5, atol=1e-6), (mode, name)
+        assert cap.captured_inputs().shape == (35, layer.d_in)
     h = torch.tanh(body[0](x.reshape(-1, 6)))  # input of layer "2" (layer "0" has rank 0)
     z_sq = (h @ layers["2"].lora_Q.detach().T).pow(2).sum(0)
-    assert layers["2"].z_count == 35
-    assert torch.allclose(layers["2"].z_sq_sum, z_sq, rtol=1e-5)
+    assert captures["2"].z_count == 35
+    assert torch.allclose(captures["2"].z_sq_sum, z_sq, rtol=1e-5)
 
 
 def test_in_backward_pass_only_inside_backward() -> None:

@@ -259,81 +259,6 @@ def test_whole_layer_cast_to_bf16_still_runs(kind, seed):
     torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
 
 
-def test_pop_stats_is_input_energy_along_q(seed):
-    layer = SVDLoRALinear(make_base("linear"), 3).train()
-    x1, x2 = torch.randn(4, 5, D_IN), torch.randn(7, D_IN)
-    layer(x1)
-    layer(x2)
-    with torch.no_grad():
-        layer.eval()(torch.randn(9, D_IN))  # eval forwards are not counted
-    tokens = torch.cat([x1.reshape(-1, D_IN), x2]).double()
-    expected = torch.einsum("ri,ni->nr", layer.lora_Q.detach().double(), tokens).pow(2).sum(0)
-    z_sq_sum, count = layer.pop_stats()
-    torch.testing.assert_close(z_sq_sum.double(), expected, atol=1e-4, rtol=1e-5)
-    assert count == 27
-    z_sq_sum, count = layer.pop_stats()  # reset by the previous call
-    assert count == 0 and torch.equal(z_sq_sum, torch.zeros(3))
-
-
-def test_stats_follow_prune_and_grow(seed):
-    layer = SVDLoRALinear(make_base("linear"), 3, max_rank=5).train()
-    layer(torch.randn(6, D_IN))
-    before = layer.z_sq_sum.clone()
-    layer.prune([1])
-    layer.grow(torch.randn(D_OUT, 2), torch.randn(2, D_IN))
-    z_sq_sum, _ = layer.pop_stats()
-    assert torch.equal(z_sq_sum, torch.cat([before[[0, 2]], torch.zeros(2)]))
-
-
-@pytest.mark.parametrize("rank", [0, 3])
-def test_capture_gradient_equals_full_weight_gradient(kind, rank, seed):
-    base = make_base(kind)
-    w, b = weight_bias64(base)
-    layer = SVDLoRALinear(base, rank, scaling=0.5)
-    randomize(layer)
-    ref = nn.Linear(D_IN, D_OUT)  # the same function with a trainable full weight
-    with torch.no_grad():
-        ref.weight.copy_((w + delta64(layer)).float())
-        ref.bias.copy_(b.float())
-    layer.train().capture_gradient(True)
-    xs = [torch.randn(3, 4, D_IN), torch.randn(5, D_IN)]
-    targets = [torch.randn(3, 4, D_OUT), torch.randn(5, D_OUT)]
-    for x, t in zip(xs, targets):  # two forward/backward calls accumulate
-        ((layer(x) - t) ** 2).sum().backward()
-        ((ref(x) - t) ** 2).sum().backward()
-    assert layer.captured_grad.shape == (D_OUT, D_IN)
-    torch.testing.assert_close(layer.captured_grad, ref.weight.grad, atol=1e-4, rtol=1e-5)
-    tokens = torch.cat([x.reshape(-1, D_IN) for x in xs]).double()
-    torch.testing.assert_close(layer.captured_inputs().double(), tokens, atol=1e-6, rtol=0)
-    assert layer.captured_tokens == 17
-    with torch.no_grad():
-        layer(xs[0])  # no capture without autograd
-    assert layer.captured_tokens == 17
-    layer.capture_gradient(False)
-    assert layer.captured_grad is None and layer.captured_inputs().shape == (0, D_IN)
-    assert layer.captured_tokens == 0
-
-
-def test_capture_subsamples_tokens_without_bias(kind, seed):
-    """Above ``capture_max_tokens`` an evenly strided token subset enters G, rescaled."""
-    base = make_base(kind)
-    w, b = weight_bias64(base)
-    layer = SVDLoRALinear(base, 2)
-    layer.capture_max_tokens = 10
-    layer.train().capture_gradient(True)
-    x = torch.randn(40, D_IN)
-    t = torch.randn(40, D_OUT)
-    ((layer(x) - t) ** 2).sum().backward()
-    idx = torch.arange(0, 40, 4)
-    ref = nn.Linear(D_IN, D_OUT)
-    with torch.no_grad():
-        ref.weight.copy_((w + delta64(layer)).float())
-        ref.bias.copy_(b.float())
-    ((ref(x[idx]) - t[idx]) ** 2).sum().backward()
-    torch.testing.assert_close(layer.captured_grad, 4.0 * ref.weight.grad, atol=1e-4, rtol=1e-5)
-    assert layer.captured_inputs().shape == (10, D_IN) and layer.captured_tokens == 40
-
-
 def test_shift_base_moves_low_rank_part_out_of_w0(kind, seed):
     base = make_base(kind)
     w, _ = weight_bias64(base)
@@ -380,7 +305,6 @@ def test_layer_works_on_cuda(kind, seed):
     y = layer(x.cuda())
     assert y.device.type == "cuda"
     torch.testing.assert_close(y.cpu().double(), ref, atol=1e-4, rtol=1e-4)
-    assert layer.pop_stats()[0].device.type == "cuda"
     layer.prune(torch.tensor([0], device="cuda"))
     layer.grow(torch.randn(D_OUT, 2), torch.randn(2, D_IN))  # CPU directions are moved
     assert {p.device.type for p in layer.parameters()} == {"cuda"}
@@ -388,9 +312,3 @@ def test_layer_works_on_cuda(kind, seed):
     layer.merge()
     torch.testing.assert_close(layer(x.cuda()), y, atol=1e-5, rtol=1e-5)
     layer.unmerge()
-    layer.capture_gradient(True)
-    layer(x.cuda()).sum().backward()
-    assert layer.captured_grad.device.type == "cuda"
-    torch.testing.assert_close(
-        layer.captured_grad.cpu(), torch.ones(4, D_OUT).T @ x, atol=1e-4, rtol=1e-4
-    )
