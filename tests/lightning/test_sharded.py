@@ -13,9 +13,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+
+from adarank.lightning import ShardedBaseStrategy
+from adarank.lightning.checkpointing import check_strategy
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_sharded_worker.py")
@@ -91,3 +96,12 @@ def test_gathered_gives_the_full_base_weights(results: list[dict]) -> None:
     for res in results:
         assert res["gathered_type"] == "Parameter"
         assert torch.equal(res["gathered_weight"], res["ref_weight"])
+
+
+def test_check_strategy_allows_the_sharded_base_and_refuses_deepspeed() -> None:
+    check_strategy(SimpleNamespace(strategy=ShardedBaseStrategy()), allocation=True)
+    deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # (needs no deepspeed package)
+    with pytest.raises(ValueError, match="not supported with DeepSpeedStrategy.*'sharded_base'"):
+        check_strategy(SimpleNamespace(strategy=deepspeed), allocation=True)
+    with pytest.raises(TypeError, match="tensor_parallel_size"):
+        ShardedBaseStrategy(tensor_parallel_size=2)
