@@ -207,11 +207,13 @@ def average_gradients(params: list[nn.Parameter], group: Any = None) -> None:
     if world <= 1 or not params:
         return
     device = params[0].device
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     flat = [
-        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params
+        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(device, dtype)
+        for p in params
     ]
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
-    buf = torch.cat([*(f.to(device) for f in flat), has])
+    has = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=device)
+    buf = torch.cat([*flat, has])  # summed in float32 at least (bf16 adapters included)
     dist.all_reduce(buf, group=group)
     counts = buf[-len(params) :].tolist()
     offset = 0
