@@ -318,34 +318,42 @@ def check_strategy(trainer: pl.Trainer, allocation: bool) -> None:
 
 
 def reconcile_stopped_epoch(checkpoint: dict[str, Any]) -> bool:
-    """Make the checkpoint of a run that stopped mid-epoch resume *within* that epoch.
+    """Make the checkpoint written when a run stopped resume like one written during training.
 
-    When ``max_steps`` ends training in the middle of an epoch, Lightning counts the epoch as
-    completed (``epoch_progress`` ``processed``/``completed`` = ``ready``) while the training
-    loader's saved position (:class:`~adarank.data.resumable.ResumableDataLoader`) is still
-    inside it. Extending such a run (``fit --resume RUN trainer.max_steps=N``) then finishes
-    the epoch's batches under the *next* epoch's number and shuffles every later epoch with the
-    wrong seed. A checkpoint saved mid-epoch during training has ``processed = completed =
-    ready - 1``; this rewrites the stopped-run counters to that form when the loader position
-    shows an unfinished epoch. Returns whether anything changed.
+    Lightning's loop counters differ between a checkpoint saved in ``on_train_batch_end``
+    during training (the periodic ``last.ckpt``; the SIGKILL-resume tests show it continues
+    exactly) and the one saved after ``trainer.fit`` stopped (``max_steps`` or ``max_epochs``
+    reached): in the latter the last batch and the epoch are already counted as completed
+    (``completed = ready``). Extending a stopped run (``fit --resume RUN trainer.max_steps=N``)
+    from those counters labels the rest of the interrupted epoch with the next epoch's number,
+    or repeats a batch when it stopped on an epoch boundary, so every later batch differs from
+    an uninterrupted run. This rewrites the stopped form to the in-training form at the same
+    position: the epoch in progress (``processed = completed = ready - 1``), the last batch
+    not yet completed, ``_batches_that_stepped`` one lower (Lightning adds it back on restart).
+    Returns whether anything changed.
     """
     fit = (checkpoint.get("loops") or {}).get("fit_loop")
     if not isinstance(fit, dict):
         return False
-    progress = fit.get("epoch_progress") or {}
-    batches = (fit.get("epoch_loop.batch_progress") or {}).get("current") or {}
-    loaders = (fit.get("state_dict") or {}).get("combined_loader") or []
-    states = [s for s in loaders if isinstance(s, dict) and "epoch" in s and "batches" in s]
-    current = progress.get("current") or {}
-    if not states or not batches.get("completed") or not current:
+    epochs = fit.get("epoch_progress") or {}
+    batches = fit.get("epoch_loop.batch_progress") or {}
+    ep, bp = epochs.get("current") or {}, batches.get("current") or {}
+    stopped = (
+        ep.get("ready", 0) > 0
+        and ep.get("processed") == ep.get("completed") == ep.get("ready")
+        and bp.get("ready", 0) > 0
+        and bp.get("completed") == bp.get("ready")
+    )
+    if not stopped:
         return False
-    epoch = int(states[0]["epoch"])
-    if states[0]["batches"] <= 0 or current.get("completed") != epoch + 1:
-        return False  # the loader is at an epoch boundary, or Lightning already agrees
-    for counter in (progress.get("current"), progress.get("total")):
-        if isinstance(counter, dict):
-            for key in ("processed", "completed"):
-                counter[key] = counter[key] - 1
+    for counter in (epochs.get("current"), epochs.get("total")):
+        counter["processed"] -= 1
+        counter["completed"] -= 1
+    for counter in (batches.get("current"), batches.get("total")):
+        counter["completed"] -= 1
+    state = fit.get("epoch_loop.state_dict")
+    if isinstance(state, dict) and state.get("_batches_that_stepped", 0) > 0:
+        state["_batches_that_stepped"] -= 1
     return True
 
 

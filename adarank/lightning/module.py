@@ -219,6 +219,7 @@ class AdaRankModule(pl.LightningModule):
         self.schedule: BudgetSchedule | None = None
         self._pending_controller_state: dict | None = None
         self._pending_rng_state: dict | None = None
+        self._rng_after_batch: dict | None = None  # global RNGs at the last training batch's end
 
     # ------------------------------------------------------------------ forward / steps
     @override
@@ -373,7 +374,16 @@ class AdaRankModule(pl.LightningModule):
         if isinstance(sd, dict):
             checkpoint["state_dict"] = checkpointing.trainable_state_dict(self, sd)
         checkpoint[checkpointing.KEY] = checkpointing.adarank_state(self)
-        checkpoint[checkpointing.RNG_KEY] = checkpointing.rng_state()
+        rng = checkpointing.rng_state()
+        if checkpointing.reconcile_stopped_epoch(checkpoint) and self._rng_after_batch:
+            # written after fit stopped: resume as from the last batch's end, before any
+            # validation that followed it (which the resumed loop runs again)
+            rng = self._rng_after_batch
+        checkpoint[checkpointing.RNG_KEY] = rng
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._rng_after_batch = checkpointing.rng_state()
 
     @override
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:

@@ -2,8 +2,9 @@
 extended with ``fit --resume RUN trainer.max_steps=N``, equals one run straight to N.
 
 64 training rows at batch 8 = 8 batches per epoch; the short run stops at step 10 (epoch 1,
-batch 2 of 8), so an extension that started the next epoch instead of finishing this one would
-see other batches and end with other adapter tensors.
+batch 2 of 8: an extension that started the next epoch instead of finishing this one would see
+other batches) or at step 8 (on the epoch boundary: Lightning's stopped-run counters made the
+extension repeat a batch). Either way it would end with other adapter tensors.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from test_cli import _args, _write_csv
 
 from adarank.cli import main
 
-TOTAL, SHORT = 24, 10
+TOTAL = 24
 
 
 def _fit_args(csv_path: Path, run_dir: Path, max_steps: int) -> list[str]:
@@ -34,17 +35,18 @@ def _fit_args(csv_path: Path, run_dir: Path, max_steps: int) -> list[str]:
     return [*args, *(f"{k}={v}" for k, v in replace.items()), "trainer.deterministic=true"]
 
 
-@pytest.mark.slow  # three short CLI runs in process: ~40 s on 2 shared cores
-def test_extending_a_run_finished_mid_epoch_equals_one_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.slow  # three short CLI runs in process per case: ~20 s on 2 shared cores
+@pytest.mark.parametrize("short_steps", [10, 8], ids=["mid_epoch", "epoch_boundary"])
+def test_extending_a_stopped_run_equals_one_run(
+    short_steps: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("ADARANK_CACHE_DIR", str(tmp_path / "cache"))
     data = _write_csv(tmp_path / "d.csv")
     full, short = tmp_path / "full", tmp_path / "short"
     assert main(["fit", *_fit_args(data, full, TOTAL)]) == 0
-    assert main(["fit", *_fit_args(data, short, SHORT)]) == 0
+    assert main(["fit", *_fit_args(data, short, short_steps)]) == 0
     summary = json.loads((short / "summary.json").read_text())
-    assert summary["status"] == "ok" and summary["steps"] == SHORT
+    assert summary["status"] == "ok" and summary["steps"] == short_steps
 
     assert main(["fit", "--resume", str(short), f"trainer.max_steps={TOTAL}"]) == 0
     assert json.loads((short / "summary.json").read_text())["steps"] == TOTAL
