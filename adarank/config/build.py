@@ -161,7 +161,7 @@ def estimate_total_steps(cfg: DictConfig | Mapping, data) -> int | None:
     max_epochs = trainer.get("max_epochs")
     accumulate = int(trainer.get("accumulate_grad_batches", 1) or 1)
     try:
-        batches = len(data.train_dataloader())
+        batches = _batches_per_process(data.train_dataloader(), _data_parallel_processes(trainer))
     except (TypeError, AttributeError, RuntimeError):
         batches = None
     limit = trainer.get("limit_train_batches")
@@ -176,6 +176,36 @@ def estimate_total_steps(cfg: DictConfig | Mapping, data) -> int | None:
     if max_epochs is None and per_epoch is not None:
         return per_epoch * 1000  # Lightning's default max_epochs
     return by_epochs
+
+
+def _data_parallel_processes(trainer: Mapping) -> int:
+    """Processes that split each epoch under a data-parallel strategy (DDP, ``sharded_base``,
+    FSDP, DeepSpeed): ``devices × num_nodes``; 1 otherwise or when ``devices`` is "auto"/-1."""
+    strategy = str(trainer.get("strategy") or "auto").lower()
+    if not any(key in strategy for key in ("ddp", "sharded", "fsdp", "deepspeed")):
+        return 1
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif isinstance(devices, int) and devices > 0:
+        count = devices
+    elif isinstance(devices, str) and devices.strip().isdigit():
+        count = int(devices)
+    else:
+        return 1
+    return count * max(1, int(trainer.get("num_nodes", 1) or 1))
+
+
+def _batches_per_process(loader, processes: int) -> int:
+    """Batches one process sees per epoch: the sampler gives each of ``processes`` processes
+    ⌈n / processes⌉ samples (padded, as ``DistributedSampler`` with ``drop_last=False``)."""
+    if processes == 1:
+        return len(loader)
+    size, batch = getattr(loader, "dataset", None), getattr(loader, "batch_size", None)
+    if size is None or not batch:
+        return math.ceil(len(loader) / processes)
+    per_process = math.ceil(len(size) / processes)
+    return per_process // batch if loader.drop_last else math.ceil(per_process / batch)
 
 
 def _bounds(module, layers: dict) -> tuple[int, int]:

@@ -133,6 +133,34 @@ def test_estimate_total_steps() -> None:
     assert est("trainer.max_epochs=1", "trainer.limit_train_batches=0.5") == 5
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize(
+    ("strategy", "devices", "processes"),
+    [("ddp", 2, 2), ("sharded_base", 3, 3), ("ddp", "[0,1]", 2), ("auto", 2, 1), ("ddp", 1, 1)],
+)
+def test_estimate_total_steps_counts_one_process_share(
+    strategy: str, devices: int | str, processes: int, drop_last: bool
+) -> None:
+    """Under data parallelism each process sees its shard: the count equals the length of a
+    DataLoader over torch's DistributedSampler (computed by torch, not by the estimate)."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    dataset = list(range(101))
+
+    class D:
+        def train_dataloader(self):
+            return DataLoader(dataset, batch_size=8, drop_last=drop_last)
+
+    sampler = DistributedSampler(dataset, num_replicas=processes, rank=0, shuffle=False)
+    expected = len(DataLoader(dataset, batch_size=8, sampler=sampler, drop_last=drop_last))
+    cfg = load_config(
+        "quickstart",
+        [f"trainer.strategy={strategy}", f"trainer.devices={devices}", "trainer.max_epochs=2"],
+    )
+    assert estimate_total_steps(cfg, D()) == 2 * expected
+
+
 @pytest.mark.parametrize(
     ("schedule", "expected"),
     [
