@@ -249,18 +249,18 @@ def _writes(p: Prepared, trainer: Any) -> bool:
 
 def _finish(p: Prepared, trainer: Any, start: float) -> dict[str, Any]:
     """Final checkpoint, adapter and rank files (process 0), final validation (all)."""
-    from adarank.lightning.sharded import gathered
+    from adarank.lightning.checkpointing import base_fingerprint_of
     from adarank.modules import save_adapter
 
     # collective under DDP: every process calls it, process 0 writes
     trainer.save_checkpoint(p.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    with gathered(p.model):  # a sharded base (all processes): the adapter's fingerprint reads it
-        if _writes(p, trainer):
-            save_adapter(
-                p.model,
-                p.run_dir / "adapter",
-                metadata={"recipe": str(p.config.run.name), "step": int(trainer.global_step)},
-            )
+    if _writes(p, trainer):
+        save_adapter(
+            p.model,
+            p.run_dir / "adapter",
+            metadata={"recipe": str(p.config.run.name), "step": int(trainer.global_step)},
+            fingerprint=base_fingerprint_of(p.module),  # cached: no gather of a sharded base
+        )
     if _writes(p, trainer):
         fixed_rank_files(p, int(trainer.global_step))
     return final_summary(p, trainer, time.perf_counter() - start)

@@ -47,9 +47,11 @@ __all__ = [
     "KEY",
     "RNG_KEY",
     "adarank_state",
+    "base_fingerprint_of",
     "check_state_dict",
     "check_strategy",
     "frozen_keys",
+    "reconcile_stopped_epoch",
     "restore_layers",
     "rng_state",
     "set_rng_state",
@@ -101,7 +103,7 @@ def trainable_state_dict(pl_module: pl.LightningModule, state_dict: dict) -> dic
     return type(state_dict)((k, v) for k, v in state_dict.items() if k not in frozen)
 
 
-def _fingerprint(pl_module: pl.LightningModule) -> dict:
+def base_fingerprint_of(pl_module: pl.LightningModule) -> dict:
     """Fingerprint of the original base weights of the adapted layers (computed once).
 
     The original weights W0 do not change during training (shifts and merges are undone by
@@ -124,7 +126,7 @@ def adarank_state(pl_module: pl.LightningModule) -> dict[str, Any]:
         "param_budget": pl_module.param_budget,
         "base_params": pl_module.base_params,
         "base": "omitted",
-        "base_fingerprint": _fingerprint(pl_module),
+        "base_fingerprint": base_fingerprint_of(pl_module),
         "controller": None if controller is None else controller.state_dict(),
         "guard": pl_module.guard.state_dict() if hasattr(pl_module, "guard") else None,
     }

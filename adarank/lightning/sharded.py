@@ -304,7 +304,8 @@ class ShardedBaseStrategy(ModelParallelStrategy):
                 "adarank.AdaRankModule"
             )
         if not is_sharded(target):
-            checkpointing._fingerprint(module)  # from the full weights, cached for every save
+            # from the full weights, cached for every save (adapter files, checkpoints)
+            checkpointing.base_fingerprint_of(module)
         self.shard_report = shard_frozen_base(
             target,
             self.device_mesh["data_parallel"],

@@ -68,16 +68,25 @@ class AdapterSnapshot(Callback):
             return None
         self.saved_steps.append(step)
         model = getattr(pl_module, "model", pl_module)
+        cached = getattr(pl_module, "_adarank_base_fingerprint", None)
+        if cached is not None:  # taken from the full base before any sharding: no gather
+            return self._write(trainer, model, step, cached) if trainer.is_global_zero else None
         with gathered(model):  # a sharded base (all processes): the file's fingerprint reads it
             return self._write(trainer, model, step) if trainer.is_global_zero else None
 
-    def _write(self, trainer: pl.Trainer, model: torch.nn.Module, step: int) -> Path:
+    def _write(
+        self,
+        trainer: pl.Trainer,
+        model: torch.nn.Module,
+        step: int,
+        fingerprint: dict | None = None,
+    ) -> Path:
         root = self._dir(trainer)
         root.mkdir(parents=True, exist_ok=True)
         final = root / snapshot_name(step)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
         try:
-            save_adapter(model, tmp, metadata={"step": step})
+            save_adapter(model, tmp, metadata={"step": step}, fingerprint=fingerprint)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

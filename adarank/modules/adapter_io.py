@@ -69,7 +69,11 @@ def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
 
 
 def save_adapter(
-    model: nn.Module, directory: str | os.PathLike, metadata: dict | None = None
+    model: nn.Module,
+    directory: str | os.PathLike,
+    metadata: dict | None = None,
+    *,
+    fingerprint: dict | None = None,
 ) -> Path:
     """Write the live adapter triplets and ``modules_to_save`` of ``model`` to ``directory``.
 
@@ -77,6 +81,9 @@ def save_adapter(
         model: a model with adapters (see :func:`add_adapters`).
         directory: created if missing.
         metadata: extra JSON-serialisable fields stored under ``"metadata"`` in the config.
+        fingerprint: a :func:`~adarank.modules.base_fingerprint.base_fingerprint` record of this
+            model's base taken earlier (the original weights never change), so that a model
+            whose base is sharded across processes need not gather it; None computes it here.
 
     Returns:
         the directory path.
@@ -118,7 +125,9 @@ def save_adapter(
         "modules_to_save": saved,
         "modules_to_save_patterns": list(getattr(model, "_adarank_modules_to_save", [])),
         "adapter_params": sum(c["rank"] * (c["d_in"] + c["d_out"] + 1) for c in layer_cfg.values()),
-        "base_fingerprint": base_fingerprint(model, list(layers)),
+        "base_fingerprint": (
+            fingerprint if fingerprint is not None else base_fingerprint(model, list(layers))
+        ),
         "base_model_class": type(model).__name__,
         "metadata": metadata or {},
     }

@@ -31,3 +31,34 @@ def test_snapshot_argument_validation():
         AdapterSnapshot(every_n_steps=-2)
     with pytest.raises(TypeError, match="every_n_steps"):
         AdapterSnapshot(every_n_steps=2.5)
+
+
+def test_snapshot_with_a_cached_fingerprint_never_gathers_the_base(tmp_path, monkeypatch):
+    """A sharded base would need every process to gather it for ``save_adapter``'s fingerprint;
+    with the fingerprint cached on the module (taken before sharding), no gather happens and the
+    file records exactly the cached fingerprint, which still matches a fresh base."""
+    import contextlib
+
+    import adarank.lightning.snapshot as snapshot_mod
+    from adarank.lightning.checkpointing import base_fingerprint_of
+    from adarank.modules.base_fingerprint import base_fingerprint
+
+    entered = []
+
+    @contextlib.contextmanager
+    def spy(model):
+        entered.append(model)
+        yield
+
+    monkeypatch.setattr(snapshot_mod, "gathered", spy)
+    snap = AdapterSnapshot(tmp_path / "snaps", every_n_steps=0)
+    module, _ = fit_tiny(steps=10, callbacks=[snap])
+    assert entered  # no cached fingerprint during that fit: the gathering path was used
+    cached = base_fingerprint_of(module)
+    entered.clear()
+    snap.saved_steps.clear()
+    path = snap.save(module.trainer, module)
+    assert not entered and path is not None
+    record = read_adapter_config(path)["base_fingerprint"]
+    assert record == cached == base_fingerprint(module.model, list(adapter_layers(module.model)))
+    load_adapter(make_model(), path)  # the fingerprint check passes on a fresh base
