@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from _bench_common import median
+from _bench_memory import PHASES
 
 SKIP = 2  # first optimizer steps excluded from timing (lazy init, allocator warm-up)
 RATIOS = (
@@ -14,6 +15,13 @@ RATIOS = (
     ("nostats", "lora"),
     ("adalora", "lora"),
     ("lora", "floor"),
+)
+#: memory ratios per phase (numerator, denominator); ``floor`` gives the adapter-attributable part
+MEMORY_RATIOS = (
+    ("adaptive", "lora"),
+    ("adaptive1x", "lora"),
+    ("fixed", "lora"),
+    ("adalora", "lora"),
 )
 
 
@@ -87,7 +95,9 @@ def summarize(runs: list[dict], models: list[str], configs: list[str]) -> dict:
                 per[key] = median(vals)
             ratios[model][f"{a}/{b}"] = per
         lines += _markdown(model, table[model], ratios[model])
-    return {"table": table, "ratios": ratios, "markdown": "\n".join(lines)}
+    memory = {m: memory_summary(runs, m, configs) for m in models}
+    lines += [ln for m in models for ln in _memory_markdown(m, memory[m])]
+    return {"table": table, "ratios": ratios, "memory": memory, "markdown": "\n".join(lines)}
 
 
 def _mib(x: float) -> str:
@@ -124,4 +134,154 @@ def _markdown(model: str, rows: dict, ratios: dict) -> list[str]:
             f"| {name} | {v['cpu_mean']:.3f} | {v['cpu_amortised']:.3f} "
             f"| {v['wall_mean']:.3f} | {v['wall_amortised']:.3f} |"
         )
+    return out
+
+
+# ---------------------------------------------------------------------- memory per phase
+def _series(run: dict) -> dict[str, list]:
+    """Per-step figures of a run: allocator ``total``, ``saved``, ``rss`` and ``cuda``."""
+    mem = run["memory"]
+    return {
+        "total": mem["total"],
+        "saved": mem["saved"],
+        "trainable": mem["trainable"],
+        "rss": run["rss_step_peak_bytes"],
+        "cuda": run.get("cuda_step_peak_bytes"),
+    }
+
+
+def _stat(values: list, phase_of_step: list, phase: str) -> tuple[float, float] | None:
+    vals = [v for v, p in zip(values or [], phase_of_step) if p == phase and v is not None]
+    return (median(vals), max(vals)) if vals else None
+
+
+def phase_stats(run: dict) -> dict:
+    """``{phase: {steps, <figure>_median, <figure>_max}}`` of one run (bytes)."""
+    out = {}
+    for phase in PHASES:
+        steps = run["phase"].count(phase)
+        if not steps:
+            continue
+        row = {"steps": steps}
+        for name, values in _series(run).items():
+            st = _stat(values, run["phase"], phase)
+            if st is not None:
+                row[f"{name}_median"], row[f"{name}_max"] = st
+        out[phase] = row
+    return out
+
+
+def _minus(a: list | None, b: list | None) -> list | None:
+    if a is None or b is None or None in a or None in b:
+        return None
+    return [x - y for x, y in zip(a, b)]
+
+
+def _adapter_series(run: dict, floor: dict | None) -> dict[str, list | None]:
+    """Adapter-attributable part per step: the run's figure minus ``floor``'s at the same step."""
+    if floor is None:
+        return {"adapter": None, "cuda_adapter": None}
+    own, base = _series(run), _series(floor)
+    return {
+        "adapter": _minus(own["total"], base["total"]),
+        "cuda_adapter": _minus(own["cuda"], base["cuda"]),
+    }
+
+
+def _ratio(a: tuple | None, b: tuple | None, i: int) -> float | None:
+    return a[i] / b[i] if a and b and b[i] > 0 else None
+
+
+def memory_summary(runs: list[dict], model: str, configs: list[str]) -> dict:
+    """Per-phase figures per configuration and ratios per :data:`MEMORY_RATIOS` pair.
+
+    Each ratio is paired within a round (median over the phase's steps, or max, of the per-step
+    figure of each side), then the median over rounds. The adapter-attributable figure is a
+    configuration's per-step figure minus ``floor``'s (same round where there is one).
+    """
+    rs = [r for r in runs if r["model"] == model and "memory" in r]  # older records: no memory
+    floors = [r for r in rs if r["config"] == "floor"]
+
+    def floor_of(run: dict) -> dict | None:
+        same = [f for f in floors if f.get("round") == run.get("round")]
+        return (same or floors or [None])[0]
+
+    def stats(run: dict) -> dict:
+        series = {**_series(run), **_adapter_series(run, floor_of(run))}
+        return {ph: {k: _stat(v, run["phase"], ph) for k, v in series.items()} for ph in PHASES}
+
+    per_cfg = {c: [(r, stats(r)) for r in rs if r["config"] == c] for c in configs}
+    table = {}
+    for cfg, items in per_cfg.items():
+        if items:
+            table[cfg] = {
+                ph: {
+                    f"{k}_{s}": median(st[ph][k][i] for _, st in items)
+                    for k in items[0][1][ph]
+                    if all(st[ph][k] is not None for _, st in items)
+                    for i, s in enumerate(("median", "max"))
+                }
+                for ph in PHASES
+                if items[0][1][ph]["total"] is not None
+            }
+    ratios = {}
+    for a, b in MEMORY_RATIOS:
+        if not (per_cfg.get(a) and per_cfg.get(b)):
+            continue
+        ratios[f"{a}/{b}"] = {}
+        for ph in table.get(a, {}):
+            row = {}
+            for key in ("total", "adapter", "rss", "cuda", "cuda_adapter"):
+                for i, s in enumerate(("median", "max")):
+                    vals = [
+                        _ratio(sa[ph][key], sb[ph][key], i)
+                        for ra, sa in per_cfg[a]
+                        for rb, sb in per_cfg[b]
+                        if rb.get("round") == ra.get("round")
+                    ]
+                    if vals and None not in vals:
+                        row[f"{key}_{s}"] = median(vals)
+            ratios[f"{a}/{b}"][ph] = row
+    return {"table": table, "ratios": ratios}
+
+
+def _cell(row: dict, key: str) -> str:
+    if f"{key}_median" not in row:
+        return "–"
+    return f"{_mib(row[f'{key}_median'])} ({_mib(row[f'{key}_max'])})"
+
+
+def _rcell(row: dict, key: str) -> str:
+    if f"{key}_median" not in row:
+        return "–"
+    return f"{row[f'{key}_median']:.3f} ({row[f'{key}_max']:.3f})"
+
+
+def _memory_markdown(model: str, mem: dict) -> list[str]:
+    if not mem["table"]:
+        return []
+    out = [
+        f"\n#### {model}: peak memory per step by phase (MiB, median over steps (max))\n",
+        "| config | phase | allocator total | of which saved activations | adapter part "
+        "(− floor) | peak RSS | CUDA max allocated |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cfg, phases in mem["table"].items():
+        for ph, row in phases.items():
+            out.append(
+                f"| {cfg} | {ph} | {_cell(row, 'total')} | {_cell(row, 'saved')} "
+                f"| {_cell(row, 'adapter')} | {_cell(row, 'rss')} | {_cell(row, 'cuda')} |"
+            )
+    out += [
+        "",
+        "| ratio (paired per round, median) | phase | allocator total | adapter part "
+        "| peak RSS | CUDA total | CUDA adapter part |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, phases in mem["ratios"].items():
+        for ph, row in phases.items():
+            cells = " | ".join(
+                _rcell(row, k) for k in ("total", "adapter", "rss", "cuda", "cuda_adapter")
+            )
+            out.append(f"| {name} | {ph} | {cells} |")
     return out

@@ -17,6 +17,15 @@ Configurations (same target modules, same parameter budget = PEFT LoRA r=8's ada
     * ``floor``     — frozen model forward+backward only (one scalar gain on the input embeddings
       is the only trainable parameter, so activation gradients flow through every layer).
 
+Models: ``gpt2`` / ``bert`` (random-init 6-layer models, the default) and ``minilm`` (the
+pretrained all-MiniLM-L6-v2 with a fresh 2-class head; a tiny random BERT under ``--smoke``).
+
+Memory per step (``_bench_memory.py``): live-tensor bytes (params + grads + optimizer state +
+activations saved for backward + the method's own buffers), the step's peak RSS and, on CUDA,
+``max_memory_allocated``; summarised per phase of the budget schedule (warm-up before the first
+allocation, decay, final after the final allocation) with adaptive / LoRA ratios of the totals
+and of the adapter-attributable part (a configuration's figure minus ``floor``'s).
+
 Each configuration runs in its own process (peak RSS is per process); rounds are interleaved
 (the order rotates per round) and medians over rounds are reported with paired per-round ratios.
 The schedule is short and dense (``--steps`` optimizer steps, warm-up 10%, final 20%, an
@@ -27,6 +36,8 @@ Examples:
     python scripts/bench_overhead.py --json runs/bench_overhead/cpu.json
     python scripts/bench_overhead.py --models bert --rounds 5
     python scripts/bench_overhead.py --smoke          # tiny models, in-process, seconds (CI)
+    python scripts/bench_overhead.py --models minilm --configs adaptive,adaptive1x,lora,floor \
+        --steps 20 --interval 4 --rounds 2 --jsonl runs/bench_overhead/mem.jsonl  # memory/phase
     python scripts/bench_overhead.py --device cuda --precision bf16 --batch 32 --seq 256 \
         --json runs/bench_overhead/cuda_bf16.json     # GPU section: read the wall columns
 
@@ -40,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -60,23 +70,31 @@ from _bench_common import (  # noqa: E402
     read_jsonl,
     write_json,
 )
-from _bench_overhead_report import summarize  # noqa: E402
+from _bench_memory import MemoryRecorder, capture_bytes, rss_bytes  # noqa: E402
+from _bench_overhead_report import phase_stats, summarize  # noqa: E402
 
 CONFIGS = ("adaptive", "adaptive1x", "fixed", "nostats", "lora", "adalora", "floor")
-MODELS = ("gpt2", "bert")
+MODELS = ("gpt2", "bert", "minilm")
+DEFAULT_MODELS = ("gpt2", "bert")
 
 
 def build_model(kind: str, smoke: bool, seed: int = 0):
-    """Random-init GPT-2-style (6 × 512) or BERT-style (6 × 384) model; tiny when ``smoke``."""
+    """Random-init GPT-2-style (6 × 512) or BERT-style (6 × 384) model, or the pretrained MiniLM
+    (``minilm``, fresh 2-class head); tiny random models when ``smoke``."""
     from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
+    if kind == "minilm" and not smoke:
+        from adarank.models.hf import resolve_name_or_path
+
+        path = resolve_name_or_path("minilm")
+        return BertForSequenceClassification.from_pretrained(path, num_labels=2), BERT_TARGET_REGEX
     layers, vocab = (2, 512) if smoke else (6, 8192)
     if kind == "gpt2":
         d = 64 if smoke else 512
         cfg = GPT2Config(vocab_size=vocab, n_embd=d, n_layer=layers, n_head=8, n_positions=256)
         return GPT2LMHeadModel(cfg), GPT2_TARGET_REGEX
-    if kind == "bert":
+    if kind in ("bert", "minilm"):
         d = 48 if smoke else 384
         cfg = BertConfig(
             vocab_size=vocab,
@@ -90,20 +108,17 @@ def build_model(kind: str, smoke: bool, seed: int = 0):
     raise ValueError(f"model={kind!r}: expected one of {MODELS}")
 
 
-def _capture_bytes(capture) -> int:
-    """Bytes held by a layer's gradient capture (every ``captured_*`` tensor or tensor list)."""
-    total = 0
-    for key, value in vars(capture).items():
-        if not key.startswith("captured_"):
-            continue
-        for t in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(t, torch.Tensor):
-                total += t.nbytes
-    return total
+def _phase_bounds(controller, lora_params: int, steps: int, warm: int, final: int, interval: int):
+    """(first, final) allocation step of the controller's schedule (the same schedule for the
+    configurations without one, so every configuration is split at the same steps)."""
+    from adarank.allocation import BudgetSchedule
 
-
-def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    sched = controller.schedule if controller is not None else None
+    if sched is None:
+        sched = BudgetSchedule(
+            lora_params, steps, warmup_steps=warm, final_steps=final, interval=interval
+        )
+    return min(s for s in sched.allocation_steps() if s >= 1), sched.final_start
 
 
 def worker(
@@ -195,42 +210,53 @@ def worker(
     data = [torch.randint(0, vocab, (batch, seq), generator=g).to(device) for _ in range(4)]
     cls = torch.randint(0, 2, (batch,), generator=g).to(device)
     model.train()
-    rss_base = _rss_bytes()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    rss_base = rss_bytes()
+    rec = MemoryRecorder(
+        device, _phase_bounds(controller, lora_params, steps, warm, final, interval)
+    )
     wall, cpu, kind, capture_peak, state_peak = [], [], [], 0, 0
     for step in range(1, steps + 1):
         ids = data[step % len(data)]
         caps = controller.capture.values() if controller is not None else ()
         capturing = any(cap.capturing for cap in caps)
+        rec.start()
         sync()
         t0, c0 = time.perf_counter(), time.thread_time()
         labels = ids if model_kind == "gpt2" else cls
-        with autocast:
-            loss = model(input_ids=ids, labels=labels).loss
-        if controller is not None:
-            loss = loss + controller.regularizer()
+        with rec.saving():
+            with autocast:
+                loss = model(input_ids=ids, labels=labels).loss
+            if controller is not None:
+                loss = loss + controller.regularizer()
+        rec.sample()
         loss.backward()
-        if capturing:
-            capture_peak = max(capture_peak, sum(_capture_bytes(cap) for cap in caps))
+        rec.sample()
+        capture_now = sum(capture_bytes(cap) for cap in caps) if capturing else 0
+        capture_peak = max(capture_peak, capture_now)
         if controller is not None:
             controller.observe()
         opt.step()
+        a0, ac0 = time.perf_counter(), time.thread_time()  # accounting: not timed
+        rec.measure(model, opt, extra=capture_now)
+        acct, acct_cpu = time.perf_counter() - a0, time.thread_time() - ac0
         event = controller.step(step) if controller is not None else None
         if peft_model is not None:
             peft_model.base_model.update_and_allocate(step)
         opt.zero_grad(set_to_none=True)
         sync()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.thread_time() - c0)
+        wall.append(time.perf_counter() - t0 - acct)
+        cpu.append(time.thread_time() - c0 - acct_cpu)
         allocating = event is not None or (
             peft_model is not None and warm < step <= steps - final and step % interval == 0
         )
         kind.append("alloc" if allocating else ("capture" if capturing else "plain"))
+        state_now = 0
         if controller is not None:
-            state_peak = max(state_peak, controller.state_memory_bytes())
+            state_now = controller.state_memory_bytes()
         elif peft_model is not None:
-            state_peak = max(state_peak, adalora_state_bytes(peft_model))
+            state_now = adalora_state_bytes(peft_model)
+        state_peak = max(state_peak, state_now)
+        rec.stop(state_now)  # + the method's persistent allocation state
     if controller is not None:
         ranks, n_end = controller.ranks(), controller.live_params()
     elif peft_model is not None:
@@ -239,7 +265,7 @@ def worker(
     else:
         ranks, n_end = {}, n_start
     adapter_end_bytes = 4 * n_end
-    return {
+    out = {
         "model": model_kind,
         "config": config,
         "steps": steps,
@@ -257,19 +283,23 @@ def worker(
         "state_bytes_peak": state_peak,
         "adapter_end_bytes": adapter_end_bytes,
         "capture_bytes_peak": capture_peak,
-        "rss_peak_bytes": _rss_bytes(),
-        "rss_train_delta_bytes": _rss_bytes() - rss_base,
+        "rss_train_delta_bytes": 0,  # below, from the run's peak
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "precision": precision,
-        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        **rec.fields(),
     }
+    out["rss_train_delta_bytes"] = out["rss_peak_bytes"] - rss_base
+    out["memory_by_phase"] = phase_stats(out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument(
+        "--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated subset of {MODELS}"
+    )
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=30)

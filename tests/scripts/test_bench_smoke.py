@@ -55,8 +55,8 @@ def _dims(bench, model_kind: str) -> dict[str, tuple[int, int]]:
 def test_overhead_parameter_counts_and_state(overhead):
     bench, res = overhead
     runs = {(r["model"], r["config"]): r for r in res["runs"]}
-    assert set(runs) == {(m, c) for m in bench.MODELS for c in bench.CONFIGS}
-    for model_kind in bench.MODELS:
+    assert set(runs) == {(m, c) for m in bench.DEFAULT_MODELS for c in bench.CONFIGS}
+    for model_kind in bench.DEFAULT_MODELS:
         dims = _dims(bench, model_kind)
         lora8 = sum(8 * (o + i) for o, i in dims.values())
         triplet = {n: o + i + 1 for n, (o, i) in dims.items()}
@@ -87,12 +87,121 @@ def test_overhead_parameter_counts_and_state(overhead):
 
 def test_overhead_summary_ratios(overhead):
     bench, res = overhead
-    for model_kind in bench.MODELS:
+    for model_kind in bench.DEFAULT_MODELS:
         ratios = res["summary"]["ratios"][model_kind]
         assert {"adaptive/lora", "adaptive/adalora", "lora/floor"} <= set(ratios)
         for values in ratios.values():
             assert all(math.isfinite(v) and v > 0 for v in values.values())
     assert "| adaptive/lora |" in res["summary"]["markdown"]
+
+
+def test_overhead_memory_per_phase(overhead):
+    """Per-step live-tensor bytes: the trainable part of every configuration equals params +
+    grads + AdamW's two moments (4 × 4 bytes per parameter) + one 4-byte ``step`` per tensor,
+    computed from the layer shapes; the phases follow the schedule's allocation steps."""
+    bench, res = overhead
+    runs = {(r["model"], r["config"]): r for r in res["runs"]}
+    steps, interval = 12, 3  # --smoke: warm-up round(0.1·12) = 1, final round(0.2·12) = 2
+    first, final = interval * math.ceil(1 / interval), steps - 2
+    phases = ["warmup"] * (first - 1) + ["decay"] * (final - first + 1) + ["final"] * 2
+    for model_kind in bench.DEFAULT_MODELS:
+        dims = _dims(bench, model_kind)
+        n_layers = len(dims)
+        lora8 = sum(8 * (o + i) for o, i in dims.values())
+        triplet = sum(o + i + 1 for o, i in dims.values())
+        expect = {
+            "fixed": 16 * 8 * triplet + 4 * 3 * n_layers,  # P, λ, Q
+            "lora": 16 * lora8 + 4 * 2 * n_layers,  # lora_A, lora_B
+            "floor": 16 + 4,  # the scalar gain
+        }
+        for cfg, trainable in expect.items():
+            assert set(runs[(model_kind, cfg)]["memory"]["trainable"]) == {trainable}
+        fixed, floor = runs[(model_kind, "fixed")], runs[(model_kind, "floor")]
+        ada = runs[(model_kind, "adaptive")]
+        # the warm-up holds the rank-12 start: 1.5× the adapter state of rank 8
+        assert ada["memory"]["trainable"][0] == 16 * 12 * triplet + 4 * 3 * n_layers
+        for r in runs.values():
+            assert r["phase"] == phases and r["phase_bounds"] == [first, final]
+        alloc = [s for s, k in enumerate(ada["kind"], 1) if k == "alloc"]
+        assert alloc and all(first <= s <= final for s in alloc) and final in alloc
+        for i in range(steps):  # the frozen base cancels: fixed − floor is the adapter's own
+            mf = {k: v[i] for k, v in fixed["memory"].items()}
+            mb = {k: v[i] for k, v in floor["memory"].items()}
+            assert mf["params"] - mb["params"] == 4 * 8 * triplet - 4
+            assert mf["total"] == sum(mf[k] for k in ("params", "grads", "optimizer", "saved"))
+            assert mf["total"] - mb["total"] == (
+                mf["trainable"] - mb["trainable"] + mf["saved"] - mb["saved"]
+            )
+        cap = max(ada["memory"]["extra"])  # capture sketches + controller state
+        assert 0 < cap <= ada["capture_bytes_peak"] + ada["state_bytes_peak"]
+        for r in runs.values():
+            assert len(r["rss_step_peak_bytes"]) == steps and min(r["rss_step_peak_bytes"]) > 0
+            assert r["rss_method"] in ("vmhwm", "vmrss-sampled")
+            assert r["cuda_step_peak_bytes"] is None and r["cuda_peak_bytes"] is None
+            assert sum(v["steps"] for v in r["memory_by_phase"].values()) == steps
+        mem = res["summary"]["memory"][model_kind]
+        warm = mem["ratios"]["adaptive/lora"]["warmup"]
+        assert set(mem["ratios"]["adaptive/lora"]) == {"warmup", "decay", "final"}
+        ada_adapter = mem["table"]["adaptive"]["warmup"]["adapter_median"]
+        lora_adapter = mem["table"]["lora"]["warmup"]["adapter_median"]
+        assert warm["adapter_median"] == pytest.approx(ada_adapter / lora_adapter)
+        assert 1.2 < warm["adapter_median"] < 1.8 and 1.0 < warm["total_median"]
+    assert "peak memory per step by phase" in res["summary"]["markdown"]
+
+
+def test_step_memory_of_one_linear_adapter():
+    """StepMemory on one SVDLoRALinear / PEFT LoRA layer over an input without grad: the saved
+    activations are the input x and the rank-r intermediates, counted once each."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from adarank.modules import SVDLoRALinear
+
+    mem = _load("_bench_memory")
+    n, d_in, d_out, r = 40, 24, 16, 4
+    x = torch.randn(n, d_in)
+    for kind in ("adarank", "lora"):
+        torch.manual_seed(0)
+        if kind == "adarank":
+            model = torch.nn.Sequential(SVDLoRALinear(torch.nn.Linear(d_in, d_out), r))
+            n_adapter, n_tensors = r * (d_in + d_out + 1), 3
+            # x for ∂Q, z = Qx and z·(s·λ) for ∂P, and the r-vector s·λ
+            saved = 4 * (n * d_in + 2 * n * r + r)
+        else:
+            cfg = LoraConfig(r=r, lora_alpha=r, target_modules=["0"])
+            model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(d_in, d_out)), cfg)
+            n_adapter, n_tensors = r * (d_in + d_out), 2
+            saved = 4 * (n * d_in + n * r)  # x for ∂A, A·x for ∂B
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        step = mem.StepMemory()
+        with step.saving():
+            loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        parts = step.measure(model, opt, extra=7)
+        assert parts["trainable"] == 16 * n_adapter + 4 * n_tensors
+        assert parts["params"] == 4 * (d_out * d_in + d_out + n_adapter)
+        assert parts["grads"] == 4 * n_adapter
+        assert parts["optimizer"] == 8 * n_adapter + 4 * n_tensors
+        assert parts["saved"] == saved + 4 * n * d_out  # + the output, saved by square()
+        assert parts["total"] == sum(parts[k] for k in mem.PARTS) and parts["extra"] == 7
+    assert mem.phase_of(2, 3, 10) == "warmup" and mem.phase_of(3, 3, 10) == "decay"
+    assert mem.phase_of(10, 3, 10) == "decay" and mem.phase_of(11, 3, 10) == "final"
+
+
+def test_overhead_report_mixes_old_and_new_records(overhead, tmp_path, capsys):
+    """--report over a JSON-lines log: records from before the memory fields still summarise."""
+    bench, res = overhead
+    common = _load("_bench_common")
+    jsonl = tmp_path / "o.jsonl"
+    keep = [r for r in res["runs"] if r["model"] == "bert"]
+    old = {k: v for k, v in keep[0].items() if k not in ("memory", "phase", "memory_by_phase")}
+    for r in [old, *keep]:
+        common.append_jsonl(jsonl, r)
+    assert bench.main(["--report", str(jsonl), "--models", "bert"]) == 0
+    text = capsys.readouterr().out
+    assert "bert: peak memory per step by phase" in text
+    assert text.count("| adaptive/lora | ") == 4  # the step-time row + one per phase
 
 
 def test_step_metrics_amortises_allocation_extra():

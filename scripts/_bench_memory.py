@@ -1,0 +1,252 @@
+"""Per-step memory of ``bench_overhead.py``'s workers: live-tensor bytes, peak RSS, CUDA peak.
+
+Three figures per optimizer step:
+
+* **allocator** (every device, deterministic): bytes of the live tensors the step needs, each
+  storage counted once — parameters and buffers of the whole model (the frozen base included),
+  gradients, optimizer state (AdamW: ``exp_avg``, ``exp_avg_sq`` and the ``step`` scalar per
+  tensor), the activations autograd saved for backward during the step's forward (packed through
+  :func:`torch.autograd.graph.saved_tensors_hooks`; a saved parameter is not counted twice) and
+  ``extra`` (the allocation method's own buffers: adarank's gradient-capture sketches and
+  controller state, PEFT AdaLoRA's importance buffers). It is the sum of what the step holds at
+  its fullest, an upper bound of the true simultaneous peak (backward frees saved activations
+  while gradients appear) and it leaves out temporaries (matmul outputs freed within an op,
+  allocator caching/fragmentation, the batch itself);
+* **RSS**: the process's peak resident memory during the step (Linux ``VmHWM``, reset before the
+  step by writing ``5`` to ``/proc/self/clear_refs``; where that is refused, ``VmRSS`` sampled
+  after forward, backward and optimizer step);
+* **CUDA**: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` per step.
+
+Phases follow the budget schedule's allocation steps (:func:`phase_of`).
+"""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Iterable
+from contextlib import contextmanager
+
+import torch
+
+PHASES = ("warmup", "decay", "final")
+PARTS = ("params", "grads", "optimizer", "saved", "extra")
+
+
+def phase_of(step: int, first_alloc: int, final_alloc: int) -> str:
+    """``warmup`` before the first allocation step, ``final`` after the final one, else ``decay``.
+
+    The allocation steps themselves are in ``decay``: their forward runs at the old ranks and
+    their capture transient belongs to the re-allocation.
+    """
+    if step < first_alloc:
+        return "warmup"
+    return "final" if step > final_alloc else "decay"
+
+
+def _storage(t: torch.Tensor) -> tuple[tuple, int]:
+    """(key, bytes) of the storage behind ``t`` (a view counts its whole storage)."""
+    try:
+        st = t.untyped_storage()
+        return (t.device.type, t.device.index, st.data_ptr()), st.nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):  # no plain storage (subclasses)
+        return ("id", id(t)), t.numel() * t.element_size()
+
+
+def unique_bytes(tensors: Iterable[torch.Tensor], seen: dict) -> int:
+    """Bytes of the storages of ``tensors`` not in ``seen`` (which is updated)."""
+    total = 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        key, nbytes = _storage(t)
+        if key not in seen:
+            seen[key] = nbytes
+            total += nbytes
+    return total
+
+
+class StepMemory:
+    """Counts one step's live-tensor bytes; ``saving()`` wraps the forward (and any loss term).
+
+    Example::
+
+        mem = StepMemory()
+        with mem.saving():
+            loss = model(x).loss
+        loss.backward(); opt.step()
+        parts = mem.measure(model, opt, extra=0)   # bytes per part and "total"
+    """
+
+    def __init__(self) -> None:
+        self._saved: dict = {}
+
+    @contextmanager
+    def saving(self):
+        """Record the storages autograd saves for backward inside this block (new step)."""
+        self._saved = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:  # keys only: no reference kept alive
+            key, nbytes = _storage(t)
+            self._saved.setdefault(key, nbytes)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+
+    def measure(self, model: torch.nn.Module, opt: torch.optim.Optimizer, extra: int = 0) -> dict:
+        """Bytes per part (:data:`PARTS`), ``total`` and ``trainable`` (params+grads+optimizer
+        state of the trainable parameters only). Call after ``optimizer.step()`` and before
+        ``zero_grad()``."""
+        seen: dict = {}
+        tensors = list(model.parameters()) + list(model.buffers())
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        out = {"params": unique_bytes(tensors, seen)}
+        out["grads"] = unique_bytes((p.grad for p in trainable if p.grad is not None), seen)
+        state = [v for s in opt.state.values() for v in s.values()]
+        out["optimizer"] = unique_bytes(state, seen)
+        # saved activations are compared with the parameters' storages only: they were packed
+        # while those were alive, whereas a freed activation's address may since be reused
+        params = {k for t in tensors for k in [_storage(t)[0]]}
+        out["saved"] = sum(n for k, n in self._saved.items() if k not in params)
+        out["extra"] = int(extra)
+        out["total"] = sum(out[k] for k in PARTS)
+        own: dict = {}
+        out["trainable"] = (
+            unique_bytes(trainable, own)
+            + unique_bytes((p.grad for p in trainable if p.grad is not None), own)
+            + unique_bytes((v for p in trainable for v in opt.state.get(p, {}).values()), own)
+        )
+        self._saved = {}
+        return out
+
+
+class PeakRSS:
+    """Peak resident memory per step: ``VmHWM`` reset per step, else sampled ``VmRSS``."""
+
+    def __init__(self) -> None:
+        self.method = "vmhwm" if self._reset() else "vmrss-sampled"
+        self._peak = 0
+
+    @staticmethod
+    def _reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _status(field: str) -> int:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+        return 0
+
+    def start(self) -> None:
+        """Begin a step (resets the kernel's high-water mark when permitted)."""
+        if self.method == "vmhwm":
+            self._reset()
+        self._peak = self._status("VmRSS")
+
+    def sample(self) -> None:
+        """A mid-step sample (only used by the fallback)."""
+        if self.method != "vmhwm":
+            self._peak = max(self._peak, self._status("VmRSS"))
+
+    def stop(self) -> int:
+        """Peak bytes of the step."""
+        if self.method == "vmhwm":
+            return self._status("VmHWM")
+        self.sample()
+        return self._peak
+
+
+class CudaPeak:
+    """``max_memory_allocated`` per step; every method is a no-op off CUDA."""
+
+    def __init__(self, device: str) -> None:
+        self.on = device.startswith("cuda")
+
+    def start(self) -> None:
+        if self.on:
+            torch.cuda.reset_peak_memory_stats()
+
+    def stop(self) -> int | None:
+        return int(torch.cuda.max_memory_allocated()) if self.on else None
+
+
+def capture_bytes(capture) -> int:
+    """Bytes held by a layer's gradient capture (every ``captured_*`` tensor or tensor list)."""
+    total = 0
+    for key, value in vars(capture).items():
+        if not key.startswith("captured_"):
+            continue
+        for t in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(t, torch.Tensor):
+                total += t.nbytes
+    return total
+
+
+def rss_bytes() -> int:
+    """Peak RSS of the whole process so far (``ru_maxrss``)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+class MemoryRecorder:
+    """The three per-step figures of a training loop, and the record fields they become.
+
+    Per step: ``start()``; the forward (and any loss term) inside ``saving()``; ``sample()``
+    after the backward; ``measure(model, opt, extra)`` after ``optimizer.step()``; ``stop(state)``
+    at the end of the step (``state``: the method's persistent buffers after its allocation).
+    """
+
+    def __init__(self, device: str, bounds: tuple[int, int]) -> None:
+        self.pre_peak = rss_bytes()  # the peak before training (model construction)
+        self.bounds = bounds
+        self.mem, self.rss, self.cuda = StepMemory(), PeakRSS(), CudaPeak(device)
+        self.memory: dict[str, list[int]] = {k: [] for k in (*PARTS, "total", "trainable")}
+        self.rss_steps: list[int] = []
+        self.cuda_steps: list[int | None] = []
+        self._parts: dict = {}
+
+    def start(self) -> None:
+        self.rss.start()
+        self.cuda.start()
+
+    def saving(self):
+        return self.mem.saving()
+
+    def sample(self) -> None:
+        self.rss.sample()
+
+    def measure(self, model: torch.nn.Module, opt: torch.optim.Optimizer, extra: int) -> None:
+        self._parts = self.mem.measure(model, opt, extra)
+        self.rss.sample()
+
+    def stop(self, state_bytes: int = 0) -> None:
+        self.rss_steps.append(self.rss.stop())
+        self.cuda_steps.append(self.cuda.stop())
+        parts = self._parts
+        parts["extra"] += state_bytes
+        parts["total"] += state_bytes
+        for key, value in parts.items():
+            self.memory[key].append(value)
+
+    def fields(self) -> dict:
+        """Record fields: per-step lists, phases and whole-run peaks (RSS, CUDA)."""
+        steps = len(self.rss_steps)
+        cuda = self.cuda.on
+        # resetting VmHWM also resets ru_maxrss: the run's peak is the max of the step peaks
+        peak = max([self.pre_peak, rss_bytes(), *self.rss_steps])
+        return {
+            "rss_peak_bytes": peak,
+            "cuda_peak_bytes": max(self.cuda_steps) if cuda and steps else None,
+            "phase_bounds": list(self.bounds),
+            "phase": [phase_of(s, *self.bounds) for s in range(1, steps + 1)],
+            "memory": self.memory,
+            "rss_method": self.rss.method,
+            "rss_step_peak_bytes": self.rss_steps,
+            "cuda_step_peak_bytes": self.cuda_steps if cuda else None,
+        }
