@@ -20,7 +20,9 @@ BENCH_NAMES = {
     "fixed": "adarank fixed rank",
     "lora": "PEFT LoRA r=8",
     "adalora": "PEFT AdaLoRA",
+    "floor": "frozen floor (no adapter)",
 }
+PHASE_NAMES = {"warmup": "warm-up", "decay": "decay", "final": "final"}
 HEADER = ["check", "result", "time", "peak GPU memory", "adapter params", "notes"]
 
 
@@ -102,6 +104,37 @@ def _bench_rows(out: Path, status: Any) -> list[list[str]]:
                 _mib(run.get("cuda_peak_bytes")),
                 f"{run['params_end']:,}",
                 f"equal parameters: PEFT LoRA r=8 has {run['lora_r8_params']:,}",
+            ]
+        )
+    return rows + _memory_rows(bench)
+
+
+def _memory_rows(bench: dict) -> list[list[str]]:
+    """adaptive / PEFT LoRA ratio of the per-step CUDA peak, per schedule phase (median over
+    the phase's steps, max in parentheses); the adapter part subtracts the ``floor`` run."""
+    rows = []
+    for model, mem in (bench.get("summary", {}).get("memory") or {}).items():
+        ratios = mem.get("ratios", {}).get("adaptive/lora", {})
+
+        def cells(key: str, ratios: dict = ratios) -> str:
+            return ", ".join(
+                f"{PHASE_NAMES.get(ph, ph)} {r[key + '_median']:.3f}× ({r[key + '_max']:.3f}×)"
+                for ph, r in ratios.items()
+                if key + "_median" in r
+            )
+
+        if not cells("cuda"):
+            continue
+        adapter = cells("cuda_adapter") or "– (no floor run)"
+        rows.append(
+            [
+                f"bf16 peak memory per step by phase, adaptive / PEFT LoRA ({model})",
+                "ok",
+                "–",
+                cells("cuda"),
+                "–",
+                f"adapter part (minus floor): {adapter}; targets ≤ 1.1× in the warm-up, "
+                "≤ 1.0× after the final allocation",
             ]
         )
     return rows

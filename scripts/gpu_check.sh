@@ -2,7 +2,9 @@
 # GPU check: one table from one GPU in at most 8 minutes.
 #
 #   1. bf16 step time and peak memory, adarank vs PEFT LoRA / AdaLoRA at equal parameters
-#      (scripts/bench_overhead.py --device cuda --precision bf16, GPT-2 6x512, batch 32 x 256);
+#      (scripts/bench_overhead.py --device cuda --precision bf16, GPT-2 6x512, batch 32 x 256),
+#      with the per-step peak (max_memory_allocated) ratios adaptive / LoRA per schedule phase
+#      (total, and minus the frozen `floor` run: the adapter-attributable part);
 #   2. the `sft` recipe on the GPU (SmolLM2-135M, bf16 base, bf16-mixed);
 #   3. the same recipe on a 4-bit NF4 base (model.quantization=4bit; SmolLM2 saved as a model
 #      directory first), then its merged export compared with the unmerged quantized model;
@@ -112,7 +114,7 @@ else
 fi
 
 run_step overhead 240 "$PY" scripts/bench_overhead.py --device cuda --precision bf16 \
-  --models gpt2 --configs adaptive,fixed,lora,adalora --rounds 1 --steps 30 --batch 32 --seq 256 \
+  --models gpt2 --configs adaptive,fixed,lora,adalora,floor --rounds 1 --steps 30 --batch 32 --seq 256 \
   --interval 5 --json "$OUT_DIR/overhead.json"
 run_step sft_bf16 180 "$PY" "$HELP" peak "$WORK/sft_bf16.peak.json" fit sft "${GPU[@]}" \
   "run.dir=$WORK/sft_bf16"

@@ -8,6 +8,7 @@ statuses of steps that did not run.
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -119,3 +120,41 @@ def test_table_reports_steps_that_did_not_run(tmp_path: Path) -> None:
         and "not implemented" in rows[4]
     )
     assert "Total wall time of the check: 12 s." in table
+
+
+def test_table_prints_the_cuda_memory_ratios_per_phase(tmp_path: Path) -> None:
+    """The overhead step's per-step CUDA peaks become one row of adaptive / LoRA ratios per
+    phase, total and adapter part (minus the floor run), computed from the benchmark's summary."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from _bench_overhead_report import memory_summary
+
+    phase = ["warmup"] * 2 + ["decay"] * 2 + ["final"] * 2
+    cuda = {
+        "adaptive": [150, 160, 130, 120, 100, 100],
+        "lora": [100] * 6,
+        "floor": [50] * 6,
+    }
+    runs = [
+        {
+            "model": "gpt2", "config": cfg, "round": 0, "phase": phase,
+            "memory": {"total": peaks, "saved": peaks, "trainable": peaks},
+            "rss_step_peak_bytes": [1] * 6, "cuda_step_peak_bytes": peaks,
+        }
+        for cfg, peaks in cuda.items()
+    ]  # fmt: skip
+    summary = {"memory": {"gpt2": memory_summary(runs, "gpt2", list(cuda))}}
+    out, work = tmp_path / "out", tmp_path / "work"
+    (work / "status").mkdir(parents=True)
+    out.mkdir()
+    (out / "overhead.json").write_text(json.dumps({"runs": [], "summary": summary}))
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "_gpu_check.py"), "table", str(out), str(work),
+         "ok", "not implemented", "1"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    row = next(ln for ln in (out / "gpu_check.md").read_text().splitlines() if "by phase" in ln)
+    # total: warm-up median 155/100, max 160/100; final 100/100
+    assert "warm-up 1.550× (1.600×), decay 1.250× (1.300×), final 1.000× (1.000×)" in row
+    # adapter part: (155 − 50) / (100 − 50) = 2.1, max (160 − 50) / 50 = 2.2
+    assert "adapter part (minus floor): warm-up 2.100× (2.200×)" in row
+    assert "final 1.000× (1.000×)" in row.split("adapter part")[1]
