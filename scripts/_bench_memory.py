@@ -7,10 +7,12 @@ Three figures per optimizer step:
   gradients, optimizer state (AdamW: ``exp_avg``, ``exp_avg_sq`` and the ``step`` scalar per
   tensor), the activations autograd saved for backward during the step's forward (packed through
   :func:`torch.autograd.graph.saved_tensors_hooks`; a saved parameter is not counted twice) and
-  ``extra`` (the allocation method's own buffers: adarank's gradient-capture sketches and
-  controller state, PEFT AdaLoRA's importance buffers). It is the sum of what the step holds at
-  its fullest, an upper bound of the true simultaneous peak (backward frees saved activations
-  while gradients appear) and it leaves out temporaries (matmul outputs freed within an op,
+  ``extra`` (the allocation method's own buffers: adarank's gradient capture as held after the
+  backward — sketches and sampled input rows, minus the rows that are views of a saved
+  activation — and its controller state; PEFT AdaLoRA's importance buffers). It is the sum of
+  what the step holds at its fullest, an upper bound of the true simultaneous peak (backward
+  frees saved activations while gradients appear) and it leaves out temporaries (matmul outputs
+  freed within an op, ``observe()``'s copy of the sampled rows once the activations are freed,
   allocator caching/fragmentation, the batch itself);
 * **RSS**: the process's peak resident memory during the step (Linux ``VmHWM``, reset before the
   step by writing ``5`` to ``/proc/self/clear_refs``; where that is refused, ``VmRSS`` sampled
@@ -23,6 +25,7 @@ Phases follow the budget schedule's allocation steps (:func:`phase_of`).
 from __future__ import annotations
 
 import resource
+import weakref
 from collections.abc import Iterable
 from contextlib import contextmanager
 
@@ -79,19 +82,39 @@ class StepMemory:
 
     def __init__(self) -> None:
         self._saved: dict = {}
+        self._refs: dict = {}
+        self._held = 0
 
     @contextmanager
     def saving(self):
         """Record the storages autograd saves for backward inside this block (new step)."""
-        self._saved = {}
+        self._saved, self._refs, self._held = {}, {}, 0
 
-        def pack(t: torch.Tensor) -> torch.Tensor:  # keys only: no reference kept alive
+        def pack(t: torch.Tensor) -> torch.Tensor:  # keys and weak references: nothing kept alive
             key, nbytes = _storage(t)
-            self._saved.setdefault(key, nbytes)
+            if key not in self._saved:
+                self._saved[key] = nbytes
+                try:
+                    self._refs[key] = weakref.ref(t.untyped_storage())
+                except (RuntimeError, NotImplementedError, TypeError):
+                    pass
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield
+
+    def hold(self, tensors: Iterable[torch.Tensor]) -> int:
+        """Add the method's buffers held now (after the backward) to ``extra``: each storage
+        once, none that is a saved activation still alive (a view of it costs nothing more)."""
+        seen: dict = {}
+        for t in tensors:
+            key, nbytes = _storage(t)
+            ref = self._refs.get(key)
+            if key in seen or (ref is not None and ref() is t.untyped_storage()):
+                continue
+            seen[key] = nbytes
+        self._held += sum(seen.values())
+        return self._held
 
     def measure(self, model: torch.nn.Module, opt: torch.optim.Optimizer, extra: int = 0) -> dict:
         """Bytes per part (:data:`PARTS`), ``total`` and ``trainable`` (params+grads+optimizer
@@ -108,7 +131,7 @@ class StepMemory:
         # while those were alive, whereas a freed activation's address may since be reused
         params = {k for t in tensors for k in [_storage(t)[0]]}
         out["saved"] = sum(n for k, n in self._saved.items() if k not in params)
-        out["extra"] = int(extra)
+        out["extra"] = int(extra) + self._held
         out["total"] = sum(out[k] for k in PARTS)
         own: dict = {}
         out["trainable"] = (
@@ -116,7 +139,7 @@ class StepMemory:
             + unique_bytes((p.grad for p in trainable if p.grad is not None), own)
             + unique_bytes((v for p in trainable for v in opt.state.get(p, {}).values()), own)
         )
-        self._saved = {}
+        self._saved, self._refs, self._held = {}, {}, 0
         return out
 
 
@@ -177,16 +200,14 @@ class CudaPeak:
         return int(torch.cuda.max_memory_allocated()) if self.on else None
 
 
-def capture_bytes(capture) -> int:
-    """Bytes held by a layer's gradient capture (every ``captured_*`` tensor or tensor list)."""
-    total = 0
+def capture_tensors(capture) -> list[torch.Tensor]:
+    """The tensors held by a layer's gradient capture (every ``captured_*`` tensor or list)."""
+    out = []
     for key, value in vars(capture).items():
-        if not key.startswith("captured_"):
-            continue
-        for t in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(t, torch.Tensor):
-                total += t.nbytes
-    return total
+        if key.startswith("captured_"):
+            vals = value if isinstance(value, (list, tuple)) else [value]
+            out += [t for t in vals if isinstance(t, torch.Tensor)]
+    return out
 
 
 def rss_bytes() -> int:
@@ -218,11 +239,13 @@ class MemoryRecorder:
     def saving(self):
         return self.mem.saving()
 
-    def sample(self) -> None:
+    def sample(self, held: Iterable[torch.Tensor] = ()) -> None:
+        """A mid-step RSS sample; ``held``: the method's buffers alive now (see ``hold``)."""
         self.rss.sample()
+        self.mem.hold(held)
 
-    def measure(self, model: torch.nn.Module, opt: torch.optim.Optimizer, extra: int) -> None:
-        self._parts = self.mem.measure(model, opt, extra)
+    def measure(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+        self._parts = self.mem.measure(model, opt)
         self.rss.sample()
 
     def stop(self, state_bytes: int = 0) -> None:

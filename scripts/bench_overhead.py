@@ -70,7 +70,7 @@ from _bench_common import (  # noqa: E402
     read_jsonl,
     write_json,
 )
-from _bench_memory import MemoryRecorder, capture_bytes, rss_bytes  # noqa: E402
+from _bench_memory import MemoryRecorder, capture_tensors, rss_bytes  # noqa: E402
 from _bench_overhead_report import phase_stats, summarize  # noqa: E402
 
 CONFIGS = ("adaptive", "adaptive1x", "fixed", "nostats", "lora", "adalora", "floor")
@@ -230,14 +230,15 @@ def worker(
                 loss = loss + controller.regularizer()
         rec.sample()
         loss.backward()
-        rec.sample()
-        capture_now = sum(capture_bytes(cap) for cap in caps) if capturing else 0
-        capture_peak = max(capture_peak, capture_now)
+        held = [t for cap in caps for t in capture_tensors(cap)] if capturing else []
+        rec.sample(held)  # the capture's own buffers (not the saved activations it views)
+        capture_peak = max(capture_peak, sum(t.nbytes for t in held))
+        del held
         if controller is not None:
             controller.observe()
         opt.step()
         a0, ac0 = time.perf_counter(), time.thread_time()  # accounting: not timed
-        rec.measure(model, opt, extra=capture_now)
+        rec.measure(model, opt)
         acct, acct_cpu = time.perf_counter() - a0, time.thread_time() - ac0
         event = controller.step(step) if controller is not None else None
         if peft_model is not None:
