@@ -299,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument(
-        "--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated subset of {MODELS}"
+        "--models",
+        default=None,
+        help=f"comma-separated subset of {MODELS} (default: {','.join(DEFAULT_MODELS)}; "
+        "--report: every model in the file)",
     )
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--rounds", type=int, default=3)
@@ -334,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print("RESULT " + json.dumps(res))
         return 0
-    models = [m for m in args.models.split(",") if m]
+    models = [m for m in (args.models or ",".join(MODELS)).split(",") if m]
     configs = [c for c in args.configs.split(",") if c]
     for value, allowed, flag in ((models, MODELS, "--models"), (configs, CONFIGS, "--configs")):
         bad = sorted(set(value) - set(allowed))
@@ -350,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             )["markdown"]
         )
         return 0
+    if args.models is None:
+        models = list(DEFAULT_MODELS)
     runs = []
     for rnd in range(args.rounds):
         for model_kind in models:
