@@ -46,6 +46,19 @@ def phase_of(step: int, first_alloc: int, final_alloc: int) -> str:
     return "final" if step > final_alloc else "decay"
 
 
+def phase_bounds(controller, lora_params: int, steps: int, warm: int, final: int, interval: int):
+    """(first, final) allocation step of the controller's schedule (the same schedule for the
+    configurations without one, so every configuration is split at the same steps)."""
+    from adarank.allocation import BudgetSchedule
+
+    sched = controller.schedule if controller is not None else None
+    if sched is None:
+        sched = BudgetSchedule(
+            lora_params, steps, warmup_steps=warm, final_steps=final, interval=interval
+        )
+    return min(s for s in sched.allocation_steps() if s >= 1), sched.final_start
+
+
 def _storage(t: torch.Tensor) -> tuple[tuple, int]:
     """(key, bytes) of the storage behind ``t`` (a view counts its whole storage)."""
     try:

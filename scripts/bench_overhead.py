@@ -70,7 +70,7 @@ from _bench_common import (  # noqa: E402
     read_jsonl,
     write_json,
 )
-from _bench_memory import MemoryRecorder, capture_tensors, rss_bytes  # noqa: E402
+from _bench_memory import MemoryRecorder, capture_tensors, phase_bounds, rss_bytes  # noqa: E402
 from _bench_overhead_report import phase_stats, summarize  # noqa: E402
 
 CONFIGS = ("adaptive", "adaptive1x", "fixed", "nostats", "lora", "adalora", "floor")
@@ -106,19 +106,6 @@ def build_model(kind: str, smoke: bool, seed: int = 0):
         )
         return BertForSequenceClassification(cfg), BERT_TARGET_REGEX
     raise ValueError(f"model={kind!r}: expected one of {MODELS}")
-
-
-def _phase_bounds(controller, lora_params: int, steps: int, warm: int, final: int, interval: int):
-    """(first, final) allocation step of the controller's schedule (the same schedule for the
-    configurations without one, so every configuration is split at the same steps)."""
-    from adarank.allocation import BudgetSchedule
-
-    sched = controller.schedule if controller is not None else None
-    if sched is None:
-        sched = BudgetSchedule(
-            lora_params, steps, warmup_steps=warm, final_steps=final, interval=interval
-        )
-    return min(s for s in sched.allocation_steps() if s >= 1), sched.final_start
 
 
 def worker(
@@ -212,7 +199,7 @@ def worker(
     model.train()
     rss_base = rss_bytes()
     rec = MemoryRecorder(
-        device, _phase_bounds(controller, lora_params, steps, warm, final, interval)
+        device, phase_bounds(controller, lora_params, steps, warm, final, interval)
     )
     wall, cpu, kind, capture_peak, state_peak = [], [], [], 0, 0
     for step in range(1, steps + 1):
