@@ -52,6 +52,37 @@ def _orthonormal(rows: int, cols: int, generator: torch.Generator | None) -> tor
     return (q if rows >= cols else q.T).to(torch.float32).contiguous()
 
 
+class _ScaledUp(torch.autograd.Function):
+    """``(z ⊙ c) Pᵀ`` that keeps only ``z`` (plus the small ``c``, ``P``) for backward.
+
+    Plain autograd would save both ``z`` and ``z ⊙ c`` (two rank-sized activations per token);
+    LoRA's ``B(Ax)`` saves one. The backward recomputes ``z ⊙ c`` (an elementwise product) so the
+    adapter holds what LoRA holds. Gradients, with ``g = ∂L/∂out`` and ``u = g P``:
+    ``∂z = u ⊙ c``, ``∂c = Σ_tokens u ⊙ z``, ``∂P = gᵀ (z ⊙ c)``.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, c: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(z, c, P)
+        return (z * c) @ P.T
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        # in g's dtype (bf16 when the forward ran under autocast), each gradient returned in
+        # its input's dtype, as autograd does for an autocast matmul
+        z, c, P = ctx.saved_tensors
+        u = g @ P.to(g.dtype)  # (..., r)
+        grad_z = grad_c = grad_P = None
+        if ctx.needs_input_grad[0]:
+            grad_z = (u * c.to(g.dtype)).to(z.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_c = (u * z.to(g.dtype)).reshape(-1, c.shape[0]).sum(0).to(c.dtype)
+        if ctx.needs_input_grad[2]:
+            zc = (z * c).to(g.dtype).reshape(-1, c.shape[0])
+            grad_P = (g.reshape(-1, g.shape[-1]).T @ zc).to(P.dtype)
+        return grad_z, grad_c, grad_P
+
+
 class SVDLoRALinear(nn.Module):
     """Frozen linear layer plus a resizable ``P · diag(λ) · Q`` adapter.
 
@@ -171,7 +202,7 @@ class SVDLoRALinear(nn.Module):
             return out
         h = self.dropout(x).to(self.lora_Q.dtype)  # the live dtype, also after module.to(dtype)
         z = self.slot_coords(h @ self.lora_Q.T)  # (..., r)
-        delta = (z * (self.scaling * self.lora_lambda)) @ self.lora_P.T  # (..., d_out)
+        delta = _ScaledUp.apply(z, self.scaling * self.lora_lambda, self.lora_P)  # (..., d_out)
         return out + delta.to(out.dtype)
 
     # ------------------------------------------------------------------ merge

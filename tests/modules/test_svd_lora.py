@@ -312,3 +312,40 @@ def test_layer_works_on_cuda(kind, seed):
     layer.merge()
     torch.testing.assert_close(layer(x.cuda()), y, atol=1e-5, rtol=1e-5)
     layer.unmerge()
+
+
+def test_up_projection_gradients_and_saved_activations():
+    """``(z ⊙ sλ) Pᵀ`` has autograd's gradients (gradcheck in float64) and saves one rank-sized
+    activation per token, as LoRA's ``B(Ax)`` does: the layer keeps x and z, nothing else of
+    size tokens × rank (plain autograd also kept z ⊙ sλ)."""
+    from adarank.modules.svd_lora import _ScaledUp
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    c = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    P = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(_ScaledUp.apply, (z, c, P))
+
+    n, d_in, d_out, r = 50, 12, 9, 3
+    layer = SVDLoRALinear(nn.Linear(d_in, d_out), r, scaling=2.0)
+    with torch.no_grad():
+        layer.lora_lambda.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    x = torch.randn(n, d_in)
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    assert sorted(s for s in shapes if s[0] == n) == [(n, r), (n, d_in)]
+    out.square().sum().backward()
+    ref = layer.base_layer(x) + 2.0 * (x @ layer.lora_Q.T * layer.lora_lambda) @ layer.lora_P.T
+    assert torch.allclose(out, ref, atol=1e-6)
+    P, lam, Q = (
+        t.detach().requires_grad_() for t in (layer.lora_P, layer.lora_lambda, layer.lora_Q)
+    )
+    (layer.base_layer(x) + 2.0 * (x @ Q.T * lam) @ P.T).square().sum().backward()
+    for mine, theirs in ((layer.lora_P, P), (layer.lora_lambda, lam), (layer.lora_Q, Q)):
+        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6)
