@@ -120,6 +120,8 @@ class OptimizerConfig:
     lr: float = _key(OD["lr"], "lr")  # adapter learning rate
     head_lr: float | None = _key(OD["head_lr"], "head_lr")  # modules_to_save (None: lr)
     weight_decay: float = _key(OD["weight_decay"], "weight_decay")
+    # decoupled decay of λ alone: each singular value of ΔW stays below ≈ scaling / it
+    lambda_weight_decay: float = _key(OD["lambda_weight_decay"], "lambda_weight_decay")
     warmup_ratio: float = _key(OD["warmup_ratio"], "warmup_ratio")  # linear LR warm-up, decay
     nonfinite: str = _key(OD["nonfinite"], "nonfinite")  # fail | skip a non-finite step
     max_skipped_steps: int = _key(OD["max_skipped_steps"], "max_skipped_steps")

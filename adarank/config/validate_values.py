@@ -78,9 +78,10 @@ def optimizer_problems(opt: Mapping, optimizers: tuple[str, ...]) -> list[str]:
         lr = opt.get(key)
         if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr <= 0:
             problems.append(f"optimizer.{key}={lr!r}: expected a positive number")
-    wd = opt.get("weight_decay")
-    if isinstance(wd, (int, float)) and not isinstance(wd, bool) and wd < 0:
-        problems.append(f"optimizer.weight_decay={wd!r}: expected a number ≥ 0")
+    for key in ("weight_decay", "lambda_weight_decay"):
+        wd = opt.get(key)
+        if isinstance(wd, (int, float)) and not isinstance(wd, bool) and wd < 0:
+            problems.append(f"optimizer.{key}={wd!r}: expected a number ≥ 0")
     wr = opt.get("warmup_ratio")
     if isinstance(wr, (int, float)) and not 0 <= wr < 1:
         problems.append(f"optimizer.warmup_ratio={wr!r}: expected a fraction in [0, 1)")

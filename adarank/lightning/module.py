@@ -56,6 +56,7 @@ OPTIMIZER_DEFAULTS = {
     "lr": 3e-3,
     "head_lr": None,
     "weight_decay": 0.0,
+    "lambda_weight_decay": 0.0,
     "warmup_ratio": 0.06,
     "nonfinite": "fail",
     "max_skipped_steps": 10,
@@ -118,6 +119,9 @@ class AdaRankModule(pl.LightningModule):
             schedule: ``SCHEDULE_DEFAULTS``, of the allocation: ``CONTROLLER_DEFAULTS``).
         head_lr: learning rate of the ``modules_to_save`` parameters (default ``lr``).
         weight_decay: weight decay of P, Q and head matrices (never of λ, biases, norms).
+        lambda_weight_decay: decoupled weight decay of λ alone: bounds each singular value of
+            ΔW near ``scaling / lambda_weight_decay`` whatever the learning rate (see
+            :mod:`adarank.lightning.optim`); 0 turns it off.
         optimizer: ``"adamw"``, ``"adam"``, ``"sgd"``, or an optimizer class (or its import
             path, e.g. ``"torch.optim.RAdam"``) called with the parameter groups (adapter /
             λ without weight decay / head; see :mod:`adarank.lightning.optim`).
@@ -166,6 +170,7 @@ class AdaRankModule(pl.LightningModule):
         lr: float = OPTIMIZER_DEFAULTS["lr"],
         head_lr: float | None = OPTIMIZER_DEFAULTS["head_lr"],
         weight_decay: float = OPTIMIZER_DEFAULTS["weight_decay"],
+        lambda_weight_decay: float = OPTIMIZER_DEFAULTS["lambda_weight_decay"],
         optimizer: str | type[torch.optim.Optimizer] = OPTIMIZER_DEFAULTS["optimizer"],
         warmup_ratio: float = OPTIMIZER_DEFAULTS["warmup_ratio"],
         optimizer_args: dict | None = None,
@@ -281,6 +286,7 @@ class AdaRankModule(pl.LightningModule):
             lr=hp.lr,
             head_lr=hp.head_lr,
             weight_decay=hp.weight_decay,
+            lambda_weight_decay=hp.lambda_weight_decay,
             **hp.optimizer_args,
         )
         total = self._total_steps()

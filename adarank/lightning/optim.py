@@ -4,8 +4,11 @@ Parameter groups (named, so the allocation engine and users can find them):
 
 * ``"adapter"`` — ``lora_P`` and ``lora_Q`` of every :class:`~adarank.modules.SVDLoRALinear`
   (learning rate ``lr``, weight decay ``weight_decay``);
-* ``"adapter_lambda"`` — the singular values ``lora_lambda`` (``lr``, no weight decay: decay on
-  λ would shrink the adapted singular values towards the pruning threshold);
+* ``"adapter_lambda"`` — the singular values ``lora_lambda`` (``lr``; weight decay
+  ``lambda_weight_decay``, 0 by default). Decoupled (AdamW) decay on λ bounds every singular value
+  whatever the learning rate: Adam moves λ by at most about ``lr`` per step and the decay pulls it
+  back by ``lr · wd · λ``, so |λ| settles below ≈ 1/wd and each singular value of ΔW below
+  ≈ scaling/wd (docs/theory.md, "A learning-rate-free bound on ΔW");
 * ``"head"`` — every other trainable parameter, i.e. the ``modules_to_save`` (``head_lr``;
   weight decay on matrices only, not on biases/norms).
 
@@ -117,7 +120,12 @@ def _accepts(fn: Callable, name: str) -> bool:
 
 
 def param_groups(
-    model: nn.Module, *, lr: float, head_lr: float | None = None, weight_decay: float = 0.0
+    model: nn.Module,
+    *,
+    lr: float,
+    head_lr: float | None = None,
+    weight_decay: float = 0.0,
+    lambda_weight_decay: float = 0.0,
 ) -> list[dict]:
     """Split trainable parameters into the named groups described in the module docstring.
 
@@ -137,7 +145,7 @@ def param_groups(
             (head_decay if p.dim() >= 2 else head_no_decay).append(p)
     groups = [
         {"name": "adapter", "params": pq, "lr": lr, "weight_decay": weight_decay},
-        {"name": "adapter_lambda", "params": lam, "lr": lr, "weight_decay": 0.0},
+        {"name": "adapter_lambda", "params": lam, "lr": lr, "weight_decay": lambda_weight_decay},
         {"name": "head", "params": head_decay, "lr": head_lr, "weight_decay": weight_decay},
         {"name": "head_no_decay", "params": head_no_decay, "lr": head_lr, "weight_decay": 0.0},
     ]
@@ -151,6 +159,7 @@ def build_optimizer(
     lr: float,
     head_lr: float | None = None,
     weight_decay: float = 0.0,
+    lambda_weight_decay: float = 0.0,
     **optimizer_args: Any,
 ) -> torch.optim.Optimizer:
     """Build an optimizer over :func:`param_groups`.
@@ -159,7 +168,7 @@ def build_optimizer(
         model: the model with adapters.
         name: ``"adamw"`` (default), ``"adam"``, ``"sgd"`` (momentum 0.9 unless given) or the
             dotted import path of an optimizer class.
-        lr, head_lr, weight_decay: see :func:`param_groups`.
+        lr, head_lr, weight_decay, lambda_weight_decay: see :func:`param_groups`.
         **optimizer_args: further keyword arguments of the optimizer (``betas``, ``eps``, ...).
 
     Raises:
@@ -181,15 +190,25 @@ def build_optimizer(
     for field, value in (("lr", lr), ("head_lr", lr if head_lr is None else head_lr)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"{field}={value!r} must be a positive finite number")
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay={weight_decay} must be >= 0")
+    for field, value in (
+        ("weight_decay", weight_decay),
+        ("lambda_weight_decay", lambda_weight_decay),
+    ):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{field}={value!r} must be a finite number >= 0")
     clash = sorted(set(optimizer_args) & set(_GROUP_ARGS))
     if clash:
         raise ValueError(
             f"optimizer arguments {clash}: set by the parameter groups; give lr / head_lr / "
             "weight_decay as the module's own arguments"
         )
-    groups = param_groups(model, lr=lr, head_lr=head_lr, weight_decay=weight_decay)
+    groups = param_groups(
+        model,
+        lr=lr,
+        head_lr=head_lr,
+        weight_decay=weight_decay,
+        lambda_weight_decay=lambda_weight_decay,
+    )
     if not groups:
         raise ValueError(
             "the model has no trainable parameters: add adapters (adarank.add_adapters) first"

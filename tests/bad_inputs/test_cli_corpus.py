@@ -229,6 +229,11 @@ CONFIG_CASES = [
     Case("lr_zero", [*P, "optimizer.lr=0"], r"optimizer.lr=0: expected a positive number"),
     Case("lr_string", [*P, "optimizer.lr=fast"], r"optimizer.lr='fast': wrong type str"),
     Case(
+        "lambda_weight_decay_negative",
+        [*P, "optimizer.lambda_weight_decay=-1"],
+        r"optimizer.lambda_weight_decay=-1: expected a number ≥ 0",
+    ),
+    Case(
         "nonfinite_policy",
         [*P, "optimizer.nonfinite=ignore"],
         r"optimizer.nonfinite='ignore': expected one of \['fail', 'skip'\]",

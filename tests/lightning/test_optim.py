@@ -70,3 +70,44 @@ def test_linear_warmup_decay_matches_closed_form():
     assert all(b <= a for a, b in zip(values[warm:], values[warm + 1 :]))
     with pytest.raises(ValueError, match="warmup_ratio"):
         linear_warmup_decay(0, 10, 1.5)
+
+
+@pytest.mark.parametrize("lr", [1e-3, 1e-2, 3e-2])
+def test_lambda_weight_decay_bounds_the_singular_values_whatever_the_lr(lr, seed):
+    """With decoupled decay on λ alone, a gradient that keeps pushing λ up (here a loss
+    -Σ s·λ) leaves |λ| at the fixed point of λ ← λ - lr(1 + wd·λ), i.e. 1/wd, for every
+    learning rate; without it λ grows by ≈ lr per step. P, Q and the head are not decayed."""
+    wd, steps = 16.0, 600
+    for decay in (wd, 0.0):
+        torch.manual_seed(0)
+        model = Net()
+        layers = add_adapters(model, "body", init_rank=2, modules_to_save="head", seed=0)
+        layer = layers["body"]
+        opt = build_optimizer(model, lr=lr, weight_decay=0.0, lambda_weight_decay=decay)
+        groups = {g["name"]: g["weight_decay"] for g in opt.param_groups}
+        assert groups == {
+            "adapter": 0.0,
+            "adapter_lambda": decay,
+            "head": 0.0,
+            "head_no_decay": 0.0,
+        }
+        P0 = layer.lora_P.detach().clone()
+        for _ in range(steps):
+            opt.zero_grad()
+            (-(layer.scaling * layer.lora_lambda).sum()).backward()
+            opt.step()
+        lam = layer.lora_lambda.detach()
+        if decay:
+            # the fixed point of the AdamW update with a unit normalised step: λ* = 1/wd
+            assert torch.allclose(lam, torch.full_like(lam, 1 / wd), rtol=0.02)
+        else:
+            assert torch.allclose(lam, torch.full_like(lam, lr * steps), rtol=0.02)
+        assert torch.equal(layer.lora_P.detach(), P0)  # no gradient and no decay on P
+
+
+def test_lambda_weight_decay_errors(seed):
+    model = Net()
+    add_adapters(model, "body", init_rank=1)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="lambda_weight_decay="):
+            build_optimizer(model, lr=1e-3, lambda_weight_decay=bad)
