@@ -184,7 +184,7 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
         raise ValueError(f"method={method!r}: expected one of {METHODS}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     head = [p for n, p in named if "classifier" in n]
-    groups = [{"params": [p for n, p in named if "classifier" not in n]}]
+    groups = _adapter_groups(args, method, lr, [(n, p) for n, p in named if "classifier" not in n])
     groups.append({"params": head, "lr": args.head_lr} if args.head_lr else {"params": head})
     physical_start = _adapter_physical(model, method)
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
@@ -210,6 +210,9 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
             controller.observe()
         opt.step()
         sched.step()
+        if method == "adarank" and args.adarank_retract:
+            for layer in layers.values():
+                retract_(layer)
         if controller is not None:
             controller.step(step)
         if method == "adalora":
@@ -246,6 +249,55 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
         "alloc_s": controller.alloc_time_s if controller is not None else None,
         "allocator_state_bytes": state_peak,
     }
+
+
+def _adapter_groups(args, method: str, lr: float, named) -> list[dict]:
+    """Adapter parameter groups: λ at ``lr`` (with ``--adarank-lambda-wd``), P and Q at
+    ``lr × --adarank-pq-lr-mult`` (LoRA+-style split of magnitudes and directions)."""
+    if not method.startswith("adarank") or (
+        args.adarank_pq_lr_mult == 1.0 and args.adarank_lambda_wd == 0.0
+    ):
+        return [{"params": [p for _, p in named]}]
+    lam = [p for n, p in named if n.endswith("lora_lambda")]
+    pq = [p for n, p in named if n.endswith(("lora_P", "lora_Q"))]
+    other = [p for n, p in named if not n.endswith(("lora_lambda", "lora_P", "lora_Q"))]
+    groups = [
+        {"params": lam, "weight_decay": args.adarank_lambda_wd},
+        {"params": pq, "lr": lr * args.adarank_pq_lr_mult},
+    ]
+    return groups + ([{"params": other}] if other else [])
+
+
+@torch.no_grad()
+def retract_(layer) -> None:
+    """Re-orthonormalise P and Q keeping ΔW exact: QR of both factors, SVD of the small core
+    ``R_P diag(λ) R_Qᵀ``; new triplets are matched to the old ones (order and signs) so the
+    optimizer state of each triplet stays with it."""
+    k = layer.rank
+    if k == 0:
+        return
+    P, lam, Q = layer.lora_P, layer.lora_lambda, layer.lora_Q
+    qp, rp = torch.linalg.qr(P.double())
+    qq, rq = torch.linalg.qr(Q.double().T)
+    u, s, vh = torch.linalg.svd(rp @ torch.diag(lam.double()) @ rq.T)
+    v = vh.T
+    new_p, new_q = qp @ u, qq @ v  # (d_out, k), (d_in, k)
+    # match new triplet j to old triplet i by |<p_i, p'_j>|·|<q_i, q'_j>| (greedy)
+    score = (P.double().T @ new_p).abs() * (Q.double() @ new_q).abs()  # (old, new)
+    order = [0] * k
+    free_old, free_new = set(range(k)), set(range(k))
+    for _ in range(k):
+        i, j = max(((i, j) for i in free_old for j in free_new), key=lambda ij: score[ij])
+        order[i] = j
+        free_old.discard(i)
+        free_new.discard(j)
+    idx = torch.tensor(order)
+    new_p, new_q, s = new_p[:, idx], new_q[:, idx], s[idx]
+    sp = torch.sign((P.double() * new_p).sum(0)).clamp_min(0) * 2 - 1
+    sq = torch.sign((Q.double().T * new_q).sum(0)).clamp_min(0) * 2 - 1
+    P.copy_((new_p * sp).to(P.dtype))
+    Q.copy_((new_q * sq).T.to(Q.dtype))
+    lam.copy_((s * sp * sq).to(lam.dtype))
 
 
 def _state_bytes(controller, peft_model, method: str) -> int:
@@ -303,19 +355,31 @@ def _adarank_start_rank(args, r: int) -> int:
 def _adarank_init_budget(args, start_live: int, lora_params: int) -> int:
     """Warm-up budget: ratio × final; with a fixed start rank it is the recipes' rule
     (``AdaRankModule``: max(final, ratio × final), the first allocation prunes the excess)."""
+    if (
+        args.adarank_init_rank and args.adarank_smooth_start
+    ):  # decay from what the layers start with
+        return max(start_live, round(args.adarank_init_ratio * lora_params))
     if args.adarank_init_rank:
         return max(lora_params, round(args.adarank_init_ratio * lora_params))
     return max(start_live, int(args.adarank_init_ratio * lora_params))
 
 
+#: later levers, stored only when not at their default (older records stay valid resume keys)
+ADARANK_LEVERS = {
+    "adarank_pq_lr_mult": 1.0,
+    "adarank_lambda_wd": 0.0,
+    "adarank_retract": False,
+    "adarank_smooth_start": False,
+}
+
+
 def run_config(args, method: str) -> dict:
     """The settings a record depends on beyond (method, budget, lr, seed); stored in it."""
-    return {
-        "protocol": {k: getattr(args, k) for k in PROTOCOL_KEYS},
-        "adarank_config": (
-            {k: getattr(args, k) for k in ADARANK_KEYS} if method.startswith("adarank") else None
-        ),
-    }
+    cfg = None
+    if method.startswith("adarank"):
+        cfg = {k: getattr(args, k) for k in ADARANK_KEYS}
+        cfg |= {k: getattr(args, k) for k, d in ADARANK_LEVERS.items() if getattr(args, k) != d}
+    return {"protocol": {k: getattr(args, k) for k in PROTOCOL_KEYS}, "adarank_config": cfg}
 
 
 def _key(rec: dict) -> tuple:
@@ -418,6 +482,30 @@ def parse_args(argv):
         default="energy",
         choices=["energy", "sensitivity", "magnitude"],
         help="adarank's importance score",
+    )
+    ap.add_argument(
+        "--adarank-pq-lr-mult",
+        type=float,
+        default=1.0,
+        help="learning rate of P and Q relative to λ's (LoRA+-style; 1 = one rate)",
+    )
+    ap.add_argument(
+        "--adarank-lambda-wd",
+        type=float,
+        default=0.0,
+        help="decoupled weight decay on λ only (AdamW bounds |λ| near 1/wd whatever the lr)",
+    )
+    ap.add_argument(
+        "--adarank-smooth-start",
+        action="store_true",
+        help="with --adarank-init-rank: the warm-up budget is the starting parameter count (the "
+        "cubic decay starts from it) instead of ratio × final (the first allocation prunes the "
+        "excess at once)",
+    )
+    ap.add_argument(
+        "--adarank-retract",
+        action="store_true",
+        help="after each optimizer step, re-orthonormalise P, Q exactly (QR + SVD of the core)",
     )
     ap.add_argument(
         "--head-lr",
