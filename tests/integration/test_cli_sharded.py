@@ -18,28 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli_ddp import PLANTED as DDP_PLANTED
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# 4 planted blocks of 8×8 (ranks 4, 2, 1, 0; a triplet costs 17 params) from rank 3 each: the
-# allocator must grow blocks.0 and prune the others. SGD keeps the processes comparable closely
-PLANTED = [
-    "planted",
-    "data.ranks=[4,2,1,0]",
-    "data.dims=8",
-    "data.n_train=64",
-    "data.n_val=32",
-    "adapter.budget=119",
-    "adapter.init_rank=3",
-    "schedule.interval=2",
-    "schedule.total_steps=20",
-    "trainer.val_check_interval=10",
-    "optimizer.name=sgd",
-    "optimizer.lr=0.5",
-    "trainer.enable_progress_bar=false",
-    "callbacks.snapshot_every_n_steps=6",
-    "callbacks.checkpoint_every_n_steps=5",
-]
+# the DDP CLI test's planted config (4 blocks of 8×8 from rank 3 each: the allocator must grow
+# blocks.0 and prune the others; SGD keeps the processes comparable closely), with snapshots:
+# writing them under a sharded base is part of what this test checks
+PLANTED = [*DDP_PLANTED, "callbacks.snapshot_every_n_steps=6"]
 SHARDED = ["trainer.strategy=sharded_base", "trainer.devices=2", "trainer.accelerator=cpu"]
 
 
