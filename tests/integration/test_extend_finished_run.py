@@ -13,9 +13,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 from test_cli import _args, _write_csv
+from test_resume_mid_epoch import assert_same_run
 
 from adarank.cli import main
 
@@ -50,10 +49,4 @@ def test_extending_a_stopped_run_equals_one_run(
 
     assert main(["fit", "--resume", str(short), f"trainer.max_steps={TOTAL}"]) == 0
     assert json.loads((short / "summary.json").read_text())["steps"] == TOTAL
-    for name in ("ranks.csv", "budget.csv"):
-        assert (full / name).read_text() == (short / name).read_text(), name
-    a = load_file(full / "adapter" / "adapter.safetensors")
-    b = load_file(short / "adapter" / "adapter.safetensors")
-    assert a.keys() == b.keys() and a
-    for name, tensor in a.items():
-        assert torch.equal(tensor, b[name]), name
+    assert_same_run(full, short)

@@ -72,6 +72,17 @@ def _fit_args(csv_path: Path, run_dir: Path) -> list[str]:
     ]
 
 
+def assert_same_run(one: Path, other: Path) -> None:
+    """Two finished runs wrote the same rank files and the same adapter, tensor for tensor."""
+    for name in ("ranks.csv", "budget.csv"):
+        assert (one / name).read_text() == (other / name).read_text(), name
+    a = load_file(one / "adapter" / "adapter.safetensors")
+    b = load_file(other / "adapter" / "adapter.safetensors")
+    assert a.keys() == b.keys() and a
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
 def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(ROOT))
 
@@ -129,10 +140,4 @@ def test_sigkill_mid_epoch_and_resume_is_bit_identical(tmp_path: Path) -> None:
     rows = (full / "ranks.csv").read_text().splitlines()
     steps = sorted({int(r.split(",")[0]) for r in rows[1:]})
     assert steps[0] < step < steps[-1], steps
-    for name in ("ranks.csv", "budget.csv"):
-        assert (full / name).read_text() == (killed / name).read_text(), name
-    a = load_file(full / "adapter" / "adapter.safetensors")
-    b = load_file(killed / "adapter" / "adapter.safetensors")
-    assert a.keys() == b.keys() and a
-    for name, tensor in a.items():
-        assert torch.equal(tensor, b[name]), name
+    assert_same_run(full, killed)
