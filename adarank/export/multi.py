@@ -32,7 +32,7 @@ from torch import nn
 
 from adarank.export.multi_layers import MultiAdapterLinear, MultiSavedModule, Router
 from adarank.modules import SVDLoRALinear, read_adapter_config
-from adarank.modules.adapter_io import WEIGHTS_NAME
+from adarank.modules.adapter_io import CONFIG_NAME, WEIGHTS_NAME, check_adapter_base
 from adarank.modules.svd_lora import is_conv1d, linear_shape
 
 __all__ = ["MultiAdapterModel"]
@@ -103,15 +103,25 @@ class MultiAdapterModel(nn.Module):
             ) from None
 
     # ------------------------------------------------------------------ loading
-    def load_adapter(self, name: str, directory: str | os.PathLike) -> dict:
+    def load_adapter(
+        self, name: str, directory: str | os.PathLike, *, check_base: bool = True
+    ) -> dict:
         """Load a native adapter directory under ``name`` (the base is not copied or changed).
+
+        Args:
+            name: the name to serve it under (no ``.``).
+            directory: a directory written by :func:`adarank.modules.save_adapter`.
+            check_base: compare the base weights of the adapted layers with the fingerprint
+                the adapter recorded (as :func:`adarank.modules.load_adapter` does); files
+                without one load with a warning.
 
         Returns:
             the adapter config.
 
         Raises:
             ValueError: bad or duplicate name, foreign/corrupt files, modules missing from the
-                base or of another shape, or a saved module that overlaps an adapted layer.
+                base or of another shape, base weights other than the ones the adapter was
+                trained on, or a saved module that overlaps an adapted layer.
         """
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
@@ -124,6 +134,10 @@ class MultiAdapterModel(nn.Module):
         except (SafetensorError, OSError) as err:
             raise ValueError(f"cannot read {path}: {err}") from err
         layers, saved = self._prepare(config, tensors, directory)
+        if check_base:
+            check_adapter_base(
+                config, self.model, list(config["layers"]), Path(directory) / CONFIG_NAME
+            )
         wrappers = self._wrappers()
         saved_names = {n for n, m in wrappers.items() if isinstance(m, MultiSavedModule)}
         saved_names |= set(saved)

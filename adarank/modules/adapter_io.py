@@ -210,7 +210,7 @@ def load_adapter(
     shapes = _model_shapes(model, config["layers"], strict, config_path)
     _check_file(model, config, shapes, tensors, weights_path)
     if check_base:
-        _check_base(config, model, list(shapes), config_path)
+        check_adapter_base(config, model, list(shapes), config_path)
     _apply(model, config, shapes, tensors)
     return config
 
@@ -248,14 +248,16 @@ def _check_file(model: nn.Module, config: dict, shapes: dict, tensors: dict, pat
     check_tensor_set(tensors, expected_tensor_keys(config, model), path)
 
 
-def _check_base(config: dict, model: nn.Module, names: list[str], path: Path) -> None:
+def check_adapter_base(config: dict, model: nn.Module, names: list[str], path: Path) -> None:
+    """Raise if the base weights of ``names`` in ``model`` differ from the adapter config's
+    fingerprint (a config without one, or with an unknown method, warns instead)."""
     record = config.get("base_fingerprint")
     if not isinstance(record, dict):
         warnings.warn(
             f"{path} has no base-weight fingerprint (written by an older adarank), so the base "
             "model cannot be verified; re-save the adapter to record one",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return
     if record.get("method") != METHOD:
@@ -263,7 +265,7 @@ def _check_base(config: dict, model: nn.Module, names: list[str], path: Path) ->
             f"{path}: unknown base fingerprint method {record.get('method')!r} (a newer "
             f"adarank?); this one reads {METHOD!r}, so the base model is not verified",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return
     check_base_fingerprint(record, model, names, path)

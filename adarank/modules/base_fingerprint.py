@@ -252,4 +252,6 @@ def check_base_fingerprint(
 
 
 def _base(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, SVDLoRALinear) else module
+    """The original linear layer of an adapter wrapper (adarank's, a serving wrapper with a
+    ``base_layer``) or the layer itself."""
+    return getattr(module, "base_layer", module)

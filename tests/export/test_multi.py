@@ -137,3 +137,20 @@ def test_adapter_for_another_base_is_rejected(bert_adapters, make_base, make_tin
         gpt2.load_adapter("a", bert_adapters["a"][0])
     with pytest.raises(ValueError, match="already has adarank adapter layers"):
         MultiAdapterModel(bert_adapters["a"][1])
+
+
+def test_adapter_trained_on_other_base_weights_is_rejected(bert_adapters, make_base):
+    """Same shapes, different weights: the recorded base fingerprint catches it before any
+    module is wrapped; ``check_base=False`` opts out."""
+    base = make_base("bert")
+    with torch.no_grad():
+        base.bert.encoder.layer[0].attention.self.query.weight.mul_(1.01)
+    server = MultiAdapterModel(base)
+    with pytest.raises(ValueError, match=r"trained on other base weights: 1 of \d+ adapted"):
+        server.load_adapter("b", bert_adapters["b"][0])
+    assert server.adapter_names == []
+    assert not any(isinstance(m, MultiAdapterLinear) for m in base.modules())
+    server.load_adapter("b", bert_adapters["b"][0], check_base=False)
+    assert server.adapter_names == ["b"]
+    # the original base accepts the shifted adapter (its shift is served as extra triplets)
+    MultiAdapterModel(make_base("bert")).load_adapter("a", bert_adapters["a"][0])
