@@ -140,6 +140,10 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
             scaling=args.adarank_scaling,
             factor_init=args.adarank_factor_init,
         )
+        if args.adarank_relative_scaling:
+            for layer in layers.values():
+                spec = torch.linalg.matrix_norm(layer.base_weight.detach().float(), ord=2)
+                layer.scaling = args.adarank_relative_scaling * float(spec)
         if args.adarank_init != "lora":
             from adarank.init import initialize_adapters
 
@@ -370,6 +374,7 @@ ADARANK_LEVERS = {
     "adarank_lambda_wd": 0.0,
     "adarank_retract": False,
     "adarank_smooth_start": False,
+    "adarank_relative_scaling": 0.0,
 }
 
 
@@ -494,6 +499,13 @@ def parse_args(argv):
         type=float,
         default=0.0,
         help="decoupled weight decay on λ only (AdamW bounds |λ| near 1/wd whatever the lr)",
+    )
+    ap.add_argument(
+        "--adarank-relative-scaling",
+        type=float,
+        default=0.0,
+        help="α > 0: each layer's scaling is α·‖W0‖₂ (LARS-like: a unit of λ moves every layer "
+        "by the same fraction of its base weight's spectral norm) instead of --adarank-scaling",
     )
     ap.add_argument(
         "--adarank-smooth-start",

@@ -185,6 +185,21 @@ class SVDLoRALinear(nn.Module):
         P = self.lora_P.float()
         return self.scaling * (P * self.lora_lambda.float()) @ self.lora_Q.float()
 
+    @torch.no_grad()
+    def delta_singular_values(self) -> torch.Tensor:
+        """Exact singular values of ΔW (descending, float64, ``rank`` of them) without forming it.
+
+        λ are ΔW's singular values only while P and Q stay orthonormal; training moves them away
+        (no penalty by default), so this uses ``P = Q_P R_P``, ``Qᵀ = Q_Q R_Q`` and the singular
+        values of the small core ``s · R_P diag(λ) R_Qᵀ`` (O((d_out + d_in) r²)).
+        """
+        if self.rank == 0:
+            return torch.zeros(0, dtype=torch.float64)
+        r_p = torch.linalg.qr(self.lora_P.detach().double(), mode="r")[1]
+        r_q = torch.linalg.qr(self.lora_Q.detach().double().T, mode="r")[1]
+        core = (r_p * (self.scaling * self.lora_lambda.detach().double())) @ r_q.T
+        return torch.linalg.svdvals(core)
+
     def shift_weight(self) -> torch.Tensor:
         """The low-rank part moved out of W0 by a data-aware init, (d_out, d_in)."""
         return self.shift_P.float() @ self.shift_Q.float()

@@ -91,6 +91,25 @@ def test_delta_weight_and_forward_match_float64_einsum(kind, seed):
     torch.testing.assert_close(layer(x).double(), reference64(layer, x, w, b), atol=1e-5, rtol=0)
 
 
+def test_delta_singular_values_match_svd_of_the_dense_delta(kind, seed):
+    """Non-orthonormal P, Q (as after training without a penalty): the QR route equals the SVD
+    of the float64 ΔW; with orthonormal factors they are s·|λ|; rank 0 gives none."""
+    layer = SVDLoRALinear(make_base(kind), 5, scaling=3.0)
+    randomize(layer)  # random P, Q, λ: far from orthonormal
+    gram = layer.lora_P.detach().T @ layer.lora_P.detach()
+    assert (gram - torch.eye(5)).abs().max() > 0.1
+    want = torch.linalg.svdvals(delta64(layer))[:5]
+    torch.testing.assert_close(layer.delta_singular_values(), want, rtol=1e-10, atol=1e-12)
+    gen = torch.Generator().manual_seed(seed)
+    fresh = SVDLoRALinear(make_base(kind), 4, scaling=2.0, generator=gen)
+    with torch.no_grad():
+        fresh.lora_lambda.copy_(torch.tensor([0.5, -2.0, 0.25, 1.0]))
+    want = torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(fresh.delta_singular_values(), want, rtol=1e-6, atol=1e-6)
+    fresh.set_rank(0)
+    assert fresh.delta_singular_values().numel() == 0
+
+
 def test_merge_equals_unmerged_and_unmerge_restores(kind, seed):
     base = make_base(kind)
     w0 = base.weight.detach().clone()
