@@ -201,7 +201,7 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(y), generator=gen)
     model.train()
-    losses, step_times, state_peak = [], [], 0
+    losses, step_times, state_peak, trace = [], [], 0, []
     t_run = time.perf_counter()
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
@@ -222,6 +222,8 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
         if method == "adalora":
             peft_model.base_model.update_and_allocate(step)
         opt.zero_grad(set_to_none=True)
+        if args.trace_every and (step % args.trace_every == 0 or step == 1):
+            trace.append({"step": step, **delta_stats(model, method)})
         losses.append(float(out.loss.detach()))
         step_times.append(time.perf_counter() - t0)
         state_peak = max(state_peak, _state_bytes(controller, peft_model, method))
@@ -252,7 +254,59 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
         "step_s_median": sorted(step_times)[len(step_times) // 2],
         "alloc_s": controller.alloc_time_s if controller is not None else None,
         "allocator_state_bytes": state_peak,
+        **({"trace": trace} if trace else {}),
     }
+
+
+@torch.no_grad()
+def delta_stats(model: torch.nn.Module, method: str) -> dict:
+    """How far the adapters moved the base: ‖ΔW‖₂ / ‖W0‖₂ per adapted layer (max, median) and
+    the largest factor column norm (orthonormal: 1). ΔW from each method's own factors, through
+    QR of the factors (exact, never the dense matrix)."""
+    ratios, col = [], 0.0
+    for module in model.modules():
+        factors = _delta_factors(module, method)
+        if factors is None:
+            continue
+        left, right, base = factors  # ΔW = left @ right
+        if left.shape[1] == 0:
+            ratios.append(0.0)
+            continue
+        col = max(col, float(left.norm(dim=0).max()), float(right.norm(dim=1).max()))
+        r_l = torch.linalg.qr(left, mode="r")[1]
+        r_r = torch.linalg.qr(right.T, mode="r")[1]
+        spec = float(torch.linalg.matrix_norm(r_l @ r_r.T, ord=2))
+        ratios.append(spec / float(torch.linalg.matrix_norm(base, ord=2)))
+    ratios.sort()
+    return {
+        "dw_rel_max": round(ratios[-1], 4),
+        "dw_rel_median": round(ratios[len(ratios) // 2], 4),
+        "factor_col_max": round(col, 4),
+    }
+
+
+def _delta_factors(module, method: str):
+    """``(L, R, W0)`` float64 with ΔW = L R for an adapted layer of ``method``, else None."""
+    if method.startswith("adarank"):
+        from adarank.modules import SVDLoRALinear
+
+        if not isinstance(module, SVDLoRALinear):
+            return None
+        P, lam, Q = (
+            t.detach().double() for t in (module.lora_P, module.lora_lambda, module.lora_Q)
+        )
+        return module.scaling * P * lam, Q, module.base_weight.detach().double()
+    if not hasattr(module, "lora_A") or "default" not in getattr(module, "lora_A", {}):
+        return None
+    A, B = module.lora_A["default"], module.lora_B["default"]
+    A = (A.weight if hasattr(A, "weight") else A).detach().double()  # (r, d_in)
+    B = (B.weight if hasattr(B, "weight") else B).detach().double()  # (d_out, r)
+    scale = float(module.scaling["default"])
+    if method == "adalora":  # ΔW = B (A ⊙ E) · scaling / ranknum
+        E = module.lora_E["default"].detach().double()
+        A = A * E
+        scale /= float(module.ranknum["default"]) + 1e-5
+    return B * scale, A, module.base_layer.weight.detach().double()
 
 
 def _adapter_groups(args, method: str, lr: float, named) -> list[dict]:
@@ -499,6 +553,13 @@ def parse_args(argv):
         type=float,
         default=0.0,
         help="decoupled weight decay on λ only (AdamW bounds |λ| near 1/wd whatever the lr)",
+    )
+    ap.add_argument(
+        "--trace-every",
+        type=int,
+        default=10,
+        help="every N steps record ‖ΔW‖₂/‖W0‖₂ (max, median over layers) and the largest factor "
+        "column norm in the run's 'trace' (0: off)",
     )
     ap.add_argument(
         "--adarank-relative-scaling",

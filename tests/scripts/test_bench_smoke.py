@@ -359,3 +359,54 @@ def test_quality_retraction_keeps_delta_and_triplets():
     assert torch.allclose(lam.abs().sort(descending=True).values, sv, atol=1e-5)
     assert torch.equal(torch.sign(lam), torch.sign(lam0))  # same triplet, same sign
     assert ((layer.lora_P.detach() * P0).sum(0) / P0.norm(dim=0) > 0.9).all()
+
+
+def test_quality_trace_matches_dense_delta_for_each_method(quality):
+    """The 'trace' of a run (‖ΔW‖₂/‖W0‖₂ over layers, every --trace-every steps) equals the
+    ratios computed from the dense ΔW each library builds itself (adarank ``delta_weight``,
+    PEFT ``get_delta_weight``) on models of each method."""
+    import torch
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    from adarank.modules import add_adapters
+
+    bench, res, _ = quality
+    assert all(r["trace"][0]["step"] == 1 for r in res["minilm"])  # recorded by default
+    common = _load("_bench_common")
+    args = bench.parse_args(["--smoke"])
+    torch.manual_seed(0)
+    adarank = bench.build_model(args, 0)
+    layers = add_adapters(adarank, ["re:" + common.BERT_TARGET_REGEX], 3, scaling=4.0)
+    lora = get_peft_model(
+        bench.build_model(args, 0), LoraConfig(r=2, target_modules=common.BERT_TARGET_REGEX)
+    )
+    ada_cfg = AdaLoraConfig(
+        init_r=3, target_r=2, total_step=10, target_modules=common.BERT_TARGET_REGEX
+    )
+    adalora = get_peft_model(bench.build_model(args, 0), ada_cfg)
+    with torch.no_grad():
+        for model in (adarank, lora, adalora):
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.add_(0.3 * torch.randn_like(p))  # every factor nonzero and non-orthonormal
+
+    def want(model, dense):
+        ratios = sorted(
+            float(torch.linalg.matrix_norm(dense(m).detach().double(), ord=2))
+            / float(torch.linalg.matrix_norm(m.base_layer.weight.double(), ord=2))
+            for m in model.modules()
+            if hasattr(m, "base_layer") and (hasattr(m, "lora_P") or hasattr(m, "lora_A"))
+        )
+        return ratios[-1], ratios[len(ratios) // 2]
+
+    cases = {
+        "adarank": (adarank, lambda m: m.delta_weight()),
+        "lora": (lora, lambda m: m.get_delta_weight("default")),
+        "adalora": (adalora, lambda m: m.get_delta_weight("default")),
+    }
+    for method, (model, dense) in cases.items():
+        got = bench.delta_stats(model, method)
+        top, mid = want(model, dense)
+        assert got["dw_rel_max"] == pytest.approx(top, abs=1e-4), method
+        assert got["dw_rel_median"] == pytest.approx(mid, abs=1e-4), method
+    assert len(layers) and bench.delta_stats(adarank, "adarank")["factor_col_max"] > 1.0
