@@ -326,36 +326,9 @@ def _adapter_groups(args, method: str, lr: float, named) -> list[dict]:
     return groups + ([{"params": other}] if other else [])
 
 
-@torch.no_grad()
 def retract_(layer) -> None:
-    """Re-orthonormalise P and Q keeping ΔW exact: QR of both factors, SVD of the small core
-    ``R_P diag(λ) R_Qᵀ``; new triplets are matched to the old ones (order and signs) so the
-    optimizer state of each triplet stays with it."""
-    k = layer.rank
-    if k == 0:
-        return
-    P, lam, Q = layer.lora_P, layer.lora_lambda, layer.lora_Q
-    qp, rp = torch.linalg.qr(P.double())
-    qq, rq = torch.linalg.qr(Q.double().T)
-    u, s, vh = torch.linalg.svd(rp @ torch.diag(lam.double()) @ rq.T)
-    v = vh.T
-    new_p, new_q = qp @ u, qq @ v  # (d_out, k), (d_in, k)
-    # match new triplet j to old triplet i by |<p_i, p'_j>|·|<q_i, q'_j>| (greedy)
-    score = (P.double().T @ new_p).abs() * (Q.double() @ new_q).abs()  # (old, new)
-    order = [0] * k
-    free_old, free_new = set(range(k)), set(range(k))
-    for _ in range(k):
-        i, j = max(((i, j) for i in free_old for j in free_new), key=lambda ij: score[ij])
-        order[i] = j
-        free_old.discard(i)
-        free_new.discard(j)
-    idx = torch.tensor(order)
-    new_p, new_q, s = new_p[:, idx], new_q[:, idx], s[idx]
-    sp = torch.sign((P.double() * new_p).sum(0)).clamp_min(0) * 2 - 1
-    sq = torch.sign((Q.double().T * new_q).sum(0)).clamp_min(0) * 2 - 1
-    P.copy_((new_p * sp).to(P.dtype))
-    Q.copy_((new_q * sq).T.to(Q.dtype))
-    lam.copy_((s * sp * sq).to(lam.dtype))
+    """Re-orthonormalise P and Q keeping ΔW exact (``SVDLoRALinear.retract_``)."""
+    layer.retract_()
 
 
 def _state_bytes(controller, peft_model, method: str) -> int:

@@ -200,6 +200,39 @@ class SVDLoRALinear(nn.Module):
         core = (r_p * (self.scaling * self.lora_lambda.detach().double())) @ r_q.T
         return torch.linalg.svdvals(core)
 
+    @torch.no_grad()
+    def retract_(self) -> None:
+        """Make P and Q exactly orthonormal again without changing ΔW, in place.
+
+        ``P = Q_P R_P``, ``Qᵀ = Q_Q R_Q``; the SVD ``R_P diag(λ) R_Qᵀ = U diag(σ) Vᵀ`` gives
+        ``P ← Q_P U``, ``λ ← σ``, ``Q ← (Q_Q V)ᵀ``, so λ are then ΔW's singular values / scaling.
+        New triplets are matched to the old ones (greedy on ``|⟨p_i, p'_j⟩|·|⟨q_i, q'_j⟩|``) and
+        given the old signs, so each slot keeps its triplet and the optimizer state of the slot
+        stays meaningful; the Parameter objects are kept (no optimizer update needed).
+        """
+        k = self.rank
+        if k == 0:
+            return
+        P, lam, Q = (t.detach().double() for t in (self.lora_P, self.lora_lambda, self.lora_Q))
+        q_p, r_p = torch.linalg.qr(P)
+        q_q, r_q = torch.linalg.qr(Q.T)
+        u, sigma, vh = torch.linalg.svd((r_p * lam) @ r_q.T)
+        new_p, new_q = q_p @ u, q_q @ vh.T  # (d_out, k), (d_in, k)
+        score = (P.T @ new_p).abs() * (Q @ new_q).abs()  # (old slot, new triplet)
+        order = torch.empty(k, dtype=torch.long, device=score.device)
+        for _ in range(k):
+            flat = int(torch.argmax(score))
+            i, j = divmod(flat, k)
+            order[i] = j
+            score[i, :] = -1.0
+            score[:, j] = -1.0
+        new_p, new_q, sigma = new_p[:, order], new_q[:, order], sigma[order]
+        sign_p = torch.where((P * new_p).sum(0) < 0, -1.0, 1.0).to(new_p)
+        sign_q = torch.where((Q.T * new_q).sum(0) < 0, -1.0, 1.0).to(new_q)
+        self.lora_P.copy_(new_p * sign_p)
+        self.lora_Q.copy_((new_q * sign_q).T)
+        self.lora_lambda.copy_(sigma * sign_p * sign_q)
+
     def shift_weight(self) -> torch.Tensor:
         """The low-rank part moved out of W0 by a data-aware init, (d_out, d_in)."""
         return self.shift_P.float() @ self.shift_Q.float()

@@ -110,6 +110,42 @@ def test_delta_singular_values_match_svd_of_the_dense_delta(kind, seed):
     assert fresh.delta_singular_values().numel() == 0
 
 
+def test_retract_keeps_delta_slots_and_parameters(kind, seed):
+    """After a drift of P and Q, retract_() restores orthonormal factors with ΔW unchanged, λ =
+    ΔW's singular values / s, every slot keeping its own triplet (λ given out of order, signs
+    mixed) and the same Parameter objects (so an optimizer needs no update)."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = SVDLoRALinear(make_base(kind), 4, scaling=2.0, generator=gen)
+    with torch.no_grad():
+        layer.lora_lambda.copy_(torch.tensor([0.1, -0.8, 0.4, -0.2]))  # not sorted
+        layer.lora_P.add_(0.02 * torch.randn(layer.lora_P.shape, generator=gen))
+        layer.lora_Q.add_(0.02 * torch.randn(layer.lora_Q.shape, generator=gen))
+    before = delta64(layer)
+    P0, lam0, params = (
+        layer.lora_P.detach().clone(),
+        layer.lora_lambda.detach().clone(),
+        [id(p) for p in layer.parameters()],
+    )
+    layer.retract_()
+    torch.testing.assert_close(delta64(layer), before, atol=1e-6, rtol=0)
+    eye = torch.eye(4)
+    torch.testing.assert_close(
+        layer.lora_P.detach().T @ layer.lora_P.detach(), eye, atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        layer.lora_Q.detach() @ layer.lora_Q.detach().T, eye, atol=1e-5, rtol=0
+    )
+    sv = torch.linalg.svdvals(before)[:4] / 2.0
+    lam = layer.lora_lambda.detach().double()
+    torch.testing.assert_close(lam.abs().sort(descending=True).values, sv, atol=1e-6, rtol=0)
+    assert torch.equal(torch.sign(lam.float()), torch.sign(lam0))  # slot i keeps its triplet
+    assert (lam.float() - lam0).abs().max() < 0.05
+    assert ((layer.lora_P.detach() * P0).sum(0) > 0.9).all()
+    assert [id(p) for p in layer.parameters()] == params
+    layer.set_rank(0)
+    layer.retract_()  # rank 0: nothing to do
+
+
 def test_merge_equals_unmerged_and_unmerge_restores(kind, seed):
     base = make_base(kind)
     w0 = base.weight.detach().clone()
