@@ -253,6 +253,14 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
         "train_s": train_s,
         "step_s_median": sorted(step_times)[len(step_times) // 2],
         "alloc_s": controller.alloc_time_s if controller is not None else None,
+        **(
+            {
+                "grown_total": sum(e.n_grown for e in controller.history),
+                "pruned_total": sum(e.n_pruned for e in controller.history),
+            }
+            if controller is not None
+            else {}
+        ),
         "allocator_state_bytes": state_peak,
         **({"trace": trace} if trace else {}),
     }
