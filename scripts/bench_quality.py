@@ -28,6 +28,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -52,7 +53,7 @@ from _bench_common import (  # noqa: E402
 )
 from _bench_planted_peft import run_planted  # noqa: E402
 
-from adarank.allocation import BudgetSchedule, RankController  # noqa: E402
+from adarank.allocation import BudgetSchedule, RankController, replace_parameter  # noqa: E402
 from adarank.modules import add_adapters, count_parameters  # noqa: E402
 
 METHODS = ("adarank", "adarank-fixed", "lora", "adalora")
@@ -166,6 +167,11 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
                 interval=args.interval,
             )
             controller = RankController(layers, schedule, scorer=args.adarank_scorer, seed=seed)
+            import adarank.allocation.controller as controller_module  # new slots' moments
+
+            controller_module.replace_parameter = functools.partial(
+                replace_parameter, second_moment=args.adarank_new_slot_moments
+            )
     elif method == "lora":
         cfg = LoraConfig(
             r=r, lora_alpha=r, target_modules=BERT_TARGET_REGEX, modules_to_save=["classifier"]
@@ -413,21 +419,26 @@ ADARANK_LEVERS = {
 }
 
 
+#: records written before this setting existed ran with the value given here
+LEGACY_DEFAULTS = {"adarank_new_slot_moments": "zero"}
+
+
 def run_config(args, method: str) -> dict:
     """The settings a record depends on beyond (method, budget, lr, seed); stored in it."""
     cfg = None
     if method.startswith("adarank"):
         cfg = {k: getattr(args, k) for k in ADARANK_KEYS}
         cfg |= {k: getattr(args, k) for k, d in ADARANK_LEVERS.items() if getattr(args, k) != d}
+        cfg |= {k: getattr(args, k) for k in LEGACY_DEFAULTS}  # always stored
     return {"protocol": {k: getattr(args, k) for k in PROTOCOL_KEYS}, "adarank_config": cfg}
 
 
 def _key(rec: dict) -> tuple:
     """Resume key: a record counts as done only for the same settings (json of its config)."""
-    cfg = json.dumps(
-        {"protocol": rec.get("protocol"), "adarank_config": rec.get("adarank_config")},
-        sort_keys=True,
-    )
+    adarank = rec.get("adarank_config")
+    if adarank is not None:
+        adarank = LEGACY_DEFAULTS | adarank
+    cfg = json.dumps({"protocol": rec.get("protocol"), "adarank_config": adarank}, sort_keys=True)
     return (rec["method"], rec["budget_r"], float(rec["lr"]), rec["seed"], cfg)
 
 
@@ -548,6 +559,13 @@ def parse_args(argv):
         default=0.0,
         help="α > 0: each layer's scaling is α·‖W0‖₂ (LARS-like: a unit of λ moves every layer "
         "by the same fraction of its base weight's spectral norm) instead of --adarank-scaling",
+    )
+    ap.add_argument(
+        "--adarank-new-slot-moments",
+        choices=("mean", "zero"),
+        default="mean",
+        help="Adam second moment of new triplets: the surviving slots' mean (the library's "
+        "rule, adarank.allocation.optim_sync) or zero (the rule before session 5)",
     )
     ap.add_argument(
         "--adarank-smooth-start",

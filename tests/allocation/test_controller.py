@@ -73,6 +73,58 @@ def test_optimizer_state_reindexed_on_prune_and_grow():
     assert id(layer.lora_lambda) in ids and id(old) not in ids
 
 
+def test_new_slots_inherit_the_mean_second_moment_and_take_lr_sized_steps():
+    """Adam's step count t is kept across a resize, so a new slot with zero moments would move by
+    (1-β1)/√((1-β2)/(1-β2ᵗ)) ≈ 2.9 lr on its first step at t = 2000; with the surviving slots'
+    mean second moment it moves by ≈ (1-β1)·|g|/√v̄, a fraction of a surviving slot's step."""
+    from adarank.allocation import replace_parameter
+
+    def grown_step(second_moment):
+        torch.manual_seed(0)
+        layer = add_adapters(nn.Sequential(nn.Linear(8, 8)), ["0"], 3)["0"]
+        opt = torch.optim.Adam([layer.lora_P, layer.lora_lambda, layer.lora_Q], lr=0.1)
+        for _ in range(2000):  # late in a run: β2's bias correction is ≈ 1
+            layer(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        v_old = opt.state[layer.lora_lambda]["exp_avg_sq"].clone()
+        old = [layer.lora_P, layer.lora_lambda, layer.lora_Q]
+        keep = layer.prune([1])
+        layer.grow(torch.randn(8, 2), torch.randn(2, 8), torch.full((2,), 0.5))
+        for o, new, dim in zip(old, (layer.lora_P, layer.lora_lambda, layer.lora_Q), (1, 0, 0)):
+            assert replace_parameter(opt, o, new, keep, 2, dim, second_moment=second_moment)
+        v = opt.state[layer.lora_lambda]["exp_avg_sq"].clone()
+        assert torch.equal(v[:2], v_old[[0, 2]])
+        before = layer.lora_lambda.detach().clone()
+        layer(torch.randn(4, 8)).sum().backward()
+        g = layer.lora_lambda.grad.clone()
+        opt.step()
+        return (layer.lora_lambda.detach() - before)[2:], g[2:], v_old[[0, 2]].mean(), v[2:]
+
+    step, g, v_mean, v_new = grown_step("zero")
+    assert torch.equal(v_new, torch.zeros(2))
+    bias2 = 1 - 0.999**2001
+    want = 0.1 * 0.1 * g.abs() / (1 - 0.9**2001) / ((0.001 * g**2 / bias2).sqrt() + 1e-8)
+    torch.testing.assert_close(step.abs(), want)  # ≈ 2.9 × lr
+    assert (step.abs() > 2.5 * 0.1).all()
+    step, g, v_mean, v_new = grown_step("mean")
+    torch.testing.assert_close(v_new, v_mean.expand(2))
+    v_hat = (0.999 * v_mean + 0.001 * g**2) / bias2
+    want = 0.1 * 0.1 * g.abs() / (1 - 0.9**2001) / (v_hat.sqrt() + 1e-8)
+    torch.testing.assert_close(step.abs(), want)
+    assert (step.abs() < 0.1).all()
+    with pytest.raises(ValueError, match="second_moment='half'"):
+        replace_parameter(
+            torch.optim.Adam([nn.Parameter(torch.ones(1))]),
+            None,
+            None,
+            None,
+            0,
+            0,
+            second_moment="half",
+        )
+
+
 def test_gradient_accumulation_matches_large_batch():
     results = []
     for micro in (1, 4):

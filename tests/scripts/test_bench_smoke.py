@@ -308,6 +308,18 @@ def test_quality_resume_key_includes_the_settings(tmp_path):
     recs = common.read_jsonl(jsonl)
     assert len(recs) == 4
     assert sorted(r["protocol"]["interval"] for r in recs) == [3, 3, 5, 5]
+    # a record from before --adarank-new-slot-moments existed ran with zero moments: it resumes
+    # only a run asking for "zero", never the new default "mean"
+    legacy = tmp_path / "legacy.jsonl"
+    old = [r | {"adarank_config": r["adarank_config"].copy()} for r in first]
+    for r in old:
+        assert r["adarank_config"].pop("adarank_new_slot_moments") == "mean"
+    legacy.write_text("".join(json.dumps(r) + "\n" for r in old))
+    argv = [*base[:-1], str(legacy), "--adarank-new-slot-moments", "zero"]
+    assert bench.main(argv) == 0
+    assert len(common.read_jsonl(legacy)) == 2  # resumed
+    assert bench.main(argv[:-2]) == 0
+    assert len(common.read_jsonl(legacy)) == 4  # "mean" is a different setting: ran again
 
 
 def test_overhead_bf16_autocast_smoke(tmp_path):
