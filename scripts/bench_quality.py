@@ -433,6 +433,14 @@ def run_config(args, method: str) -> dict:
     return {"protocol": {k: getattr(args, k) for k in PROTOCOL_KEYS}, "adarank_config": cfg}
 
 
+def _with_defaults(rec: dict) -> dict:
+    """``rec`` with the adarank settings it does not store filled in (levers at their default,
+    settings newer than the record at the value it ran with), for tables."""
+    if rec.get("adarank_config") is None:
+        return rec
+    return rec | {"adarank_config": ADARANK_LEVERS | LEGACY_DEFAULTS | rec["adarank_config"]}
+
+
 def _key(rec: dict) -> tuple:
     """Resume key: a record counts as done only for the same settings (json of its config)."""
     adarank = rec.get("adarank_config")
@@ -615,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.report:
-        recs = read_jsonl(args.report)
+        recs = [_with_defaults(r) for r in read_jsonl(args.report)]
         print(quality_table([r for r in recs if "budget_r" in r]))
         print(planted_table([r for r in recs if "rank_recovery_error" in r]))
         return 0
