@@ -48,6 +48,7 @@ CONTROLLER_DEFAULTS = {
     "max_rank": None,
     "grow": True,
     "orth_reg": 0.0,
+    "retract": False,
 }
 
 STATE_VERSION = 1
@@ -105,6 +106,10 @@ class RankController:
             redundant triplets): it is what recovers planted ranks on mixed layer widths. On
             transformers with Adam it slowed or stopped learning in short runs (the penalty's
             gradient dominates the P, Q updates while λ ≈ 0), hence off by default.
+        retract: after every optimizer step (in :meth:`step`), make P and Q exactly orthonormal
+            again without changing ΔW (:meth:`SVDLoRALinear.retract_`: QR of both factors, SVD
+            of the r × r core), so λ are ΔW's singular values and the scores compare triplets
+            on one scale. Exact where the penalty is approximate, and free of its gradient.
         optimizer: optimizer to keep consistent (also :meth:`attach_optimizer`).
         seed: seed of the randomized SVD used for growth.
     """
@@ -123,6 +128,7 @@ class RankController:
         candidates_per_layer: int = 4,
         protect_rounds: int = 1,
         orth_reg: float = CONTROLLER_DEFAULTS["orth_reg"],
+        retract: bool = CONTROLLER_DEFAULTS["retract"],
         optimizer: torch.optim.Optimizer | None = None,
         seed: int = 0,
     ) -> None:
@@ -142,6 +148,9 @@ class RankController:
         self.candidates_per_layer = int(candidates_per_layer)
         self.protect_rounds = int(protect_rounds)
         self.orth_reg = float(orth_reg)
+        if not isinstance(retract, bool):
+            raise TypeError(f"retract={retract!r}: expected True or False")
+        self.retract = retract
         self.optimizer = optimizer
         self.seed = int(seed)
         self.min_rank = {n: self._bound(min_rank, n, 0) for n in self.layers}
@@ -204,6 +213,13 @@ class RankController:
     def regularizer(self) -> torch.Tensor:
         """γ-weighted orthogonality penalty to add to the training loss."""
         return orthogonality_penalty(self.layers.values(), self.orth_reg)
+
+    def retract_factors(self) -> None:
+        """Re-orthonormalise every layer's P and Q keeping ΔW (what ``retract=True`` does in
+        :meth:`step`); slots, signs and Parameter objects are kept, so the optimizer state stays
+        attached to the same triplets."""
+        for layer in self.layers.values():
+            layer.retract_()
 
     def state_memory_bytes(self) -> int:
         """Bytes of allocation state kept between steps (scorer + birth steps)."""
@@ -300,6 +316,8 @@ class RankController:
             raise ValueError(f"global_step={global_step!r}: expected a non-negative int")
         self._check_open("step")
         self.global_step = global_step
+        if self.retract:
+            self.retract_factors()
         event = None
         if self.schedule is not None and self.schedule.is_allocation_step(global_step):
             if not self._observed_since_step:

@@ -111,6 +111,7 @@ class AllocationConfig:
     scorer: str = _key(CD["scorer"], "scorer")  # energy | sensitivity | magnitude
     grow: bool = _key(CD["grow"], "grow")  # grow new triplets (else prune only)
     orth_reg: float = _key(CD["orth_reg"], "orth_reg")  # γ of the orthogonality regulariser
+    retract: bool = _key(CD["retract"], "retract")  # exact re-orthonormalisation of P, Q each step
 
 
 @dataclass

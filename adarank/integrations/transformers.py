@@ -125,6 +125,7 @@ class AdaRankCallback(TrainerCallback):
         max_rank: upper bound on every layer's rank (None: each layer's capacity).
         scorer: importance score (``"energy"``, ``"sensitivity"``, ``"magnitude"``).
         grow: allow growing new triplets (else prune only).
+        retract: re-orthonormalise P and Q exactly after every optimizer step, keeping ΔW.
         seed: seed of the growth sketches (None: ``args.seed``).
         log_ranks: log ``rank/<module>`` and ``budget/*`` at every allocation.
 
@@ -151,6 +152,7 @@ class AdaRankCallback(TrainerCallback):
         max_rank: int | None = CONTROLLER_DEFAULTS["max_rank"],
         scorer: str = CONTROLLER_DEFAULTS["scorer"],
         grow: bool = CONTROLLER_DEFAULTS["grow"],
+        retract: bool = CONTROLLER_DEFAULTS["retract"],
         seed: int | None = None,
         log_ranks: bool = True,
     ) -> None:
@@ -187,6 +189,7 @@ class AdaRankCallback(TrainerCallback):
             "min_rank": min_rank,
             "max_rank": max_rank,
             "grow": grow,
+            "retract": retract,
         }
         # everything but the run's length (known at train()) is checked now
         probe = RankController(adapter_layers(model), None, **self.controller_options)

@@ -114,6 +114,8 @@ class AdaRankModule(pl.LightningModule):
         scorer: importance score name passed to the controller (e.g. ``"energy"``).
         grow: allow growing new triplets (else prune only).
         orth_reg: γ of the orthogonality regulariser (0 disables it).
+        retract: re-orthonormalise P and Q exactly after every optimizer step, keeping ΔW
+            (``RankController(retract=...)``; with allocation on).
         lr: learning rate of the adapters (default 3e-3, for ``add_adapters``' default
             scaling 16; defaults of the optimizer options: :data:`OPTIMIZER_DEFAULTS`, of the
             schedule: ``SCHEDULE_DEFAULTS``, of the allocation: ``CONTROLLER_DEFAULTS``).
@@ -167,6 +169,7 @@ class AdaRankModule(pl.LightningModule):
         scorer: str = CONTROLLER_DEFAULTS["scorer"],
         grow: bool = CONTROLLER_DEFAULTS["grow"],
         orth_reg: float = CONTROLLER_DEFAULTS["orth_reg"],
+        retract: bool = CONTROLLER_DEFAULTS["retract"],
         lr: float = OPTIMIZER_DEFAULTS["lr"],
         head_lr: float | None = OPTIMIZER_DEFAULTS["head_lr"],
         weight_decay: float = OPTIMIZER_DEFAULTS["weight_decay"],
@@ -210,6 +213,8 @@ class AdaRankModule(pl.LightningModule):
             raise ValueError(f"init_budget_ratio={init_budget_ratio} must be >= 1")
         if orth_reg < 0:
             raise ValueError(f"orth_reg={orth_reg} must be >= 0")
+        if not isinstance(retract, bool):
+            raise TypeError(f"retract={retract!r}: expected True or False")
         if total_steps is not None and (isinstance(total_steps, bool) or int(total_steps) < 1):
             raise ValueError(f"total_steps={total_steps!r} must be a positive int or None")
         self.guard = NonFiniteGuard(nonfinite, max_skipped_steps)
@@ -314,6 +319,7 @@ class AdaRankModule(pl.LightningModule):
                 max_rank=hp.max_rank,
                 grow=hp.grow,
                 orth_reg=hp.orth_reg,
+                retract=hp.retract,
             )
             self.controller.attach_optimizer(optimizer)
             if self._pending_controller_state is not None:

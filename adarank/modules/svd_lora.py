@@ -218,14 +218,16 @@ class SVDLoRALinear(nn.Module):
         q_q, r_q = torch.linalg.qr(Q.T)
         u, sigma, vh = torch.linalg.svd((r_p * lam) @ r_q.T)
         new_p, new_q = q_p @ u, q_q @ vh.T  # (d_out, k), (d_in, k)
-        score = (P.T @ new_p).abs() * (Q @ new_q).abs()  # (old slot, new triplet)
-        order = torch.empty(k, dtype=torch.long, device=score.device)
+        # (old slot, new triplet); the k × k matching runs on the host: one device sync per layer
+        score = ((P.T @ new_p).abs() * (Q @ new_q).abs()).cpu()
+        order = torch.empty(k, dtype=torch.long)
         for _ in range(k):
             flat = int(torch.argmax(score))
             i, j = divmod(flat, k)
             order[i] = j
             score[i, :] = -1.0
             score[:, j] = -1.0
+        order = order.to(new_p.device)
         new_p, new_q, sigma = new_p[:, order], new_q[:, order], sigma[order]
         sign_p = torch.where((P * new_p).sum(0) < 0, -1.0, 1.0).to(new_p)
         sign_q = torch.where((Q.T * new_q).sum(0) < 0, -1.0, 1.0).to(new_q)

@@ -125,6 +125,44 @@ def test_new_slots_inherit_the_mean_second_moment_and_take_lr_sized_steps():
         )
 
 
+def test_retract_keeps_factors_orthonormal_and_delta_w_exact_through_allocation():
+    """retract=True: after every controller.step the factors are orthonormal, the retraction
+    itself leaves ΔW unchanged, and prunes/growth still run on the retracted triplets."""
+    task, model, opt, ctrl = make_setup(steps=40)
+    ctrl.retract = True
+    layers = adapter_layers(model)
+    gen = torch.Generator().manual_seed(7)
+    drift = 0.0
+    for step in range(1, 41):
+        idx = torch.randint(0, len(task.x_train), (64,), generator=gen)
+        task.loss(model(task.x_train[idx]), task.y_train[idx]).backward()
+        ctrl.observe()
+        opt.step()
+        before = {n: la.delta_weight().detach().double() for n, la in layers.items()}
+        sv = {n: la.delta_singular_values() for n, la in layers.items()}
+        event = ctrl.step(step)
+        opt.zero_grad(set_to_none=True)
+        for n, la in layers.items():
+            k = la.rank
+            if k == 0:
+                continue
+            P, Q = la.lora_P.detach().double(), la.lora_Q.detach().double()
+            eye = torch.eye(k, dtype=torch.float64)
+            assert torch.allclose(P.T @ P, eye, atol=1e-5)
+            assert torch.allclose(Q @ Q.T, eye, atol=1e-5)
+            # λ are the singular values of ΔW (up to sign) once P and Q are orthonormal
+            lam = (la.scaling * la.lora_lambda.detach().double().abs()).sort(descending=True)[0]
+            assert torch.allclose(lam, la.delta_singular_values(), rtol=1e-4, atol=1e-6)
+            if event is None:  # an allocation step also prunes and grows: ΔW changes there
+                after = la.delta_weight().detach().double()
+                drift = max(drift, float((after - before[n]).abs().max()))
+                assert torch.allclose(lam, sv[n].sort(descending=True)[0], atol=1e-5)
+    assert drift < 1e-5
+    assert any(e.n_pruned for e in ctrl.history)
+    with pytest.raises(TypeError, match="retract="):
+        RankController(layers, None, retract="yes")
+
+
 def test_gradient_accumulation_matches_large_batch():
     results = []
     for micro in (1, 4):

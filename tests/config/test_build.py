@@ -75,11 +75,13 @@ def test_module_kwargs_mapping() -> None:
             "optimizer.name=sgd",
             "schedule.interval=7",
             "allocation.scorer=magnitude",
+            "allocation.retract=true",
             "adapter.budget=0.5%",
         ],
     )
     kw = module_kwargs(cfg)
     assert kw["optimizer"] == "sgd" and kw["interval"] == 7 and kw["scorer"] == "magnitude"
+    assert kw["retract"] is True
     assert kw["budget"] == "0.5%"
     off = module_kwargs(load_config("lora_baseline"))
     assert off["budget"] is None and "enabled" not in off

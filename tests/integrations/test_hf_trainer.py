@@ -68,7 +68,17 @@ class Recorder(TrainerCallback):
 def make_run(make_tiny_bert, tmp_path):
     """``(out, *, resume=None, prepare=None, budget=BUDGET, **args) -> (trainer, callback, rec)``."""
 
-    def run(out, *, resume=None, prepare=None, budget=BUDGET, train=True, extra=None, **overrides):
+    def run(
+        out,
+        *,
+        resume=None,
+        prepare=None,
+        budget=BUDGET,
+        train=True,
+        extra=None,
+        cb=None,
+        **overrides,
+    ):
         model = make_tiny_bert(0)
         # scaling 1: learning_rate 1e-2 below is tuned for it (add_adapters' default is 16)
         add_adapters(model, TARGETS, init_rank=2, scaling=1.0, modules_to_save="classifier")
@@ -94,7 +104,7 @@ def make_run(make_tiny_bert, tmp_path):
             callbacks=[recorder],
             **(extra or {}),
         )
-        callback = AdaRankCallback(trainer, budget=budget, interval=4)
+        callback = AdaRankCallback(trainer, budget=budget, interval=4, **(cb or {}))
         if prepare is not None:
             callback.prepare_resume(prepare)
         if train:
@@ -142,6 +152,14 @@ def test_ranks_move_under_budget_and_training_continues(make_run, tmp_path):
     assert len(losses) == STEPS // 5 and all(math.isfinite(x) for x in losses)
     lrs = [logs["learning_rate"] for _, logs in rec.logs if "learning_rate" in logs]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]  # linear decay kept going
+
+
+def test_retract_keeps_the_factors_orthonormal_under_the_trainer(make_run, tmp_path):
+    trainer, cb, _ = make_run(tmp_path / "run", cb={"retract": True})
+    assert cb.controller.retract is True and cb.history
+    for layer in adapter_layers(trainer.model).values():
+        P, Q, eye = layer.lora_P.detach(), layer.lora_Q.detach(), torch.eye(layer.rank)
+        assert torch.allclose(P.T @ P, eye, atol=1e-5) and torch.allclose(Q @ Q.T, eye, atol=1e-5)
 
 
 def test_rank_trajectory_reaches_the_trainer_loggers(make_run, tmp_path, capsys):

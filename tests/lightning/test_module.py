@@ -54,6 +54,16 @@ def test_orth_reg_is_the_orthogonality_penalty():
     assert "train/orth_reg" in trainer.logged_metrics
 
 
+def test_retract_reaches_the_controller_and_keeps_factors_orthonormal():
+    module, _ = fit_tiny(steps=8, retract=True)
+    assert module.controller.retract is True
+    for la in adapter_layers(module.model).values():
+        P, Q, eye = la.lora_P.detach(), la.lora_Q.detach(), torch.eye(la.rank)
+        assert torch.allclose(P.T @ P, eye, atol=1e-5) and torch.allclose(Q @ Q.T, eye, atol=1e-5)
+    with pytest.raises(TypeError, match="retract="):
+        AdaRankModule(make_model(), "regression", budget=100, retract=1)
+
+
 def test_percentage_budget_resolves_against_base_params():
     model = make_model()
     module = AdaRankModule(model, "regression", budget="25%")
