@@ -166,7 +166,13 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
                 final_steps=final,
                 interval=args.interval,
             )
-            controller = RankController(layers, schedule, scorer=args.adarank_scorer, seed=seed)
+            controller = RankController(
+                layers,
+                schedule,
+                scorer=args.adarank_scorer,
+                retract=args.adarank_retract,
+                seed=seed,
+            )
             import adarank.allocation.controller as controller_module  # new slots' moments
 
             controller_module.replace_parameter = functools.partial(
@@ -220,9 +226,6 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
             controller.observe()
         opt.step()
         sched.step()
-        if method == "adarank" and args.adarank_retract:
-            for layer in layers.values():
-                retract_(layer)
         if controller is not None:
             controller.step(step)
         if method == "adalora":
@@ -338,11 +341,6 @@ def _adapter_groups(args, method: str, lr: float, named) -> list[dict]:
         {"params": pq, "lr": lr * args.adarank_pq_lr_mult},
     ]
     return groups + ([{"params": other}] if other else [])
-
-
-def retract_(layer) -> None:
-    """Re-orthonormalise P and Q keeping ΔW exact (``SVDLoRALinear.retract_``)."""
-    layer.retract_()
 
 
 def _state_bytes(controller, peft_model, method: str) -> int:
@@ -585,7 +583,8 @@ def parse_args(argv):
     ap.add_argument(
         "--adarank-retract",
         action="store_true",
-        help="after each optimizer step, re-orthonormalise P, Q exactly (QR + SVD of the core)",
+        help="after each optimizer step, re-orthonormalise P, Q exactly (QR + SVD of the core): "
+        "RankController(retract=True), the config's allocation.retract",
     )
     ap.add_argument(
         "--head-lr",
