@@ -95,7 +95,8 @@ def _adapt(args, model, method: str, r: int, seed: int, lora_params: int | None 
     if method == "adarank":
         layers = add_adapters(model, LLAMA_TARGETS, args.init_rank, scaling=16.0, seed=seed)
         schedule = schedule_for(lora_params, args.steps, {})  # the shipped schedule defaults
-        return model, RankController(layers, schedule, seed=seed), None
+        ctrl = RankController(layers, schedule, seed=seed, retract=_retract(args))
+        return model, ctrl, None
     if method == "lora":
         cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=LLAMA_TARGETS, lora_dropout=0.0)
     else:
@@ -222,7 +223,21 @@ def run_one(args, method: str, r: int, lr: float, seed: int) -> dict:
         "ranks_by_type": _ranks_by_type(ranks) if ranks else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "protocol": protocol(args),
+        **({"adarank_retract": _retract(args)} if method == "adarank" else {}),
     }
+
+
+def _retract(args) -> bool:
+    """adarank's retraction: the flag, else the library default (what ships)."""
+    from adarank.allocation.controller import CONTROLLER_DEFAULTS
+
+    flag = getattr(args, "adarank_retract", None)
+    return CONTROLLER_DEFAULTS["retract"] if flag is None else flag == "true"
+
+
+def _variant(rec: dict) -> str:
+    """The method with its adarank settings: 'adarank+retract' for a retracted run."""
+    return rec["method"] + ("+retract" if rec.get("adarank_retract") else "")
 
 
 def _ranks_by_type(ranks: dict[str, int]) -> dict[str, float]:
@@ -243,7 +258,7 @@ def protocol(args) -> dict:
 # ---------------------------------------------------------------------- driver
 def _key(rec: dict) -> tuple:
     return (
-        rec["method"],
+        _variant(rec),
         rec["budget_r"],
         float(rec["lr"]),
         rec["seed"],
@@ -266,7 +281,8 @@ def run_sweep(args) -> list[dict]:
     records: dict[tuple, dict] = {}  # this invocation's runs (the file may hold others)
 
     def go(method, r, lr, seed):
-        key = (method, r, float(lr), seed, json.dumps(protocol(args)))
+        variant = method + ("+retract" if method == "adarank" and _retract(args) else "")
+        key = (variant, r, float(lr), seed, json.dumps(protocol(args)))
         if key not in done:
             t0 = time.perf_counter()
             rec = _spawn(args, method, r, lr, seed)
@@ -297,22 +313,20 @@ def report(records: list[dict]) -> str:
     best_lr = {}
     for rec in records:
         if rec["seed"] == 0 and rec["budget_r"] == min(r["budget_r"] for r in records):
-            cur = best_lr.get(rec["method"])
+            cur = best_lr.get(_variant(rec))
             if cur is None or rec["val_loss"] < cur["val_loss"]:
-                best_lr[rec["method"]] = rec
+                best_lr[_variant(rec)] = rec
     lines = [
         "| method | budget (LoRA r) | lr | seeds | held-out response loss | answer acc | "
         "adapter params (end) | trainable (peak) | step s (median) | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted({rec["budget_r"] for rec in records}):
-        for method in METHODS:
-            if method not in best_lr:
-                continue
+        for method in sorted(best_lr, key=lambda v: (METHODS.index(v.split("+")[0]), v)):
             rows = [
                 x
                 for x in records
-                if x["method"] == method and x["budget_r"] == r and x["lr"] == best_lr[method]["lr"]
+                if _variant(x) == method and x["budget_r"] == r and x["lr"] == best_lr[method]["lr"]
             ]
             if not rows:
                 continue
@@ -400,6 +414,13 @@ def parse_args(argv):
     ap.add_argument("--n-val", type=int, default=128)
     ap.add_argument("--n-generate", type=int, default=64)
     ap.add_argument("--init-rank", type=int, default=8, help="adarank's starting rank")
+    ap.add_argument(
+        "--adarank-retract",
+        choices=("true", "false"),
+        default=None,
+        help="adarank's exact re-orthonormalisation of P, Q after each step (default: the "
+        "library's, RankController(retract=...))",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-base-eval", dest="base_eval", action="store_false")
     ap.add_argument("--timing", action="store_true", help="interleaved step-time ratios")

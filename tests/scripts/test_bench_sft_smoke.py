@@ -48,3 +48,15 @@ def test_bench_sft_smoke_records_every_method_at_the_budget(tmp_path, capsys):
     assert bench.main(["--smoke", "--jsonl", str(jsonl)]) == 0
     assert len(bench.read_jsonl(jsonl)) == 3
     assert "| adarank | 2 |" in capsys.readouterr().out
+    # the retraction is a variant of its own: a new record, factors orthonormal at the end
+    from adarank.allocation.controller import CONTROLLER_DEFAULTS
+
+    other = "false" if CONTROLLER_DEFAULTS["retract"] else "true"
+    argv = ["--smoke", "--methods", "adarank", "--adarank-retract", other, "--jsonl", str(jsonl)]
+    assert bench.main(argv) == 0
+    records = bench.read_jsonl(jsonl)
+    assert len(records) == 4
+    flags = [r["adarank_retract"] for r in records if r["method"] == "adarank"]
+    assert sorted(flags) == [False, True]
+    label = "adarank+retract" if other == "true" else "adarank"
+    assert f"| {label} | 2 |" in capsys.readouterr().out  # this invocation's run, by variant
