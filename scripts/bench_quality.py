@@ -278,8 +278,13 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
 @torch.no_grad()
 def delta_stats(model: torch.nn.Module, method: str) -> dict:
     """How far the adapters moved the base: ‖ΔW‖₂ / ‖W0‖₂ per adapted layer (max, median) and
-    the largest factor column norm (orthonormal: 1). ΔW from each method's own factors, through
-    QR of the factors (exact, never the dense matrix)."""
+    the largest norm of a factor direction, unscaled (adarank: columns of P, rows of Q —
+    orthonormal: 1; LoRA: columns of B, rows of A). ΔW from each method's own factors, through
+    QR of the factors (exact, never the dense matrix).
+
+    Records written before ``factor_norm_max`` existed carry ``factor_col_max``: the largest
+    column of ``scaling · P · diag(λ)`` or row of Q — for adarank mostly ΔW's largest singular
+    value, not the drift of the directions."""
     ratios, col = [], 0.0
     for module in model.modules():
         factors = _delta_factors(module, method)
@@ -289,7 +294,7 @@ def delta_stats(model: torch.nn.Module, method: str) -> dict:
         if left.shape[1] == 0:
             ratios.append(0.0)
             continue
-        col = max(col, float(left.norm(dim=0).max()), float(right.norm(dim=1).max()))
+        col = max(col, _direction_norm_max(module, method))
         r_l = torch.linalg.qr(left, mode="r")[1]
         r_r = torch.linalg.qr(right.T, mode="r")[1]
         spec = float(torch.linalg.matrix_norm(r_l @ r_r.T, ord=2))
@@ -298,8 +303,19 @@ def delta_stats(model: torch.nn.Module, method: str) -> dict:
     return {
         "dw_rel_max": round(ratios[-1], 4),
         "dw_rel_median": round(ratios[len(ratios) // 2], 4),
-        "factor_col_max": round(col, 4),
+        "factor_norm_max": round(col, 4),
     }
+
+
+def _direction_norm_max(module, method: str) -> float:
+    """Largest unscaled factor direction norm of one adapted layer (see :func:`delta_stats`)."""
+    if method.startswith("adarank"):
+        pair = (module.lora_P, module.lora_Q.T)
+    else:
+        A, B = module.lora_A["default"], module.lora_B["default"]
+        pair = tuple((m.weight if hasattr(m, "weight") else m) for m in (B, A))
+        pair = (pair[0], pair[1].T)
+    return max(float(t.detach().double().norm(dim=0).max()) for t in pair)
 
 
 def _delta_factors(module, method: str):
@@ -556,8 +572,8 @@ def parse_args(argv):
         "--trace-every",
         type=int,
         default=10,
-        help="every N steps record ‖ΔW‖₂/‖W0‖₂ (max, median over layers) and the largest factor "
-        "column norm in the run's 'trace' (0: off)",
+        help="every N steps record ‖ΔW‖₂/‖W0‖₂ (max, median over layers) and the longest unscaled "
+        "factor direction (P's columns, Q's rows) in the run's 'trace' (0: off)",
     )
     ap.add_argument(
         "--adarank-relative-scaling",

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from adarank.allocation import BudgetSchedule, RankController
+from adarank.allocation.controller import CONTROLLER_DEFAULTS
 from adarank.models.planted import build_planted_task
 from adarank.modules import adapter_layers, add_adapters
 
@@ -393,3 +394,30 @@ def test_vectorised_observe_equals_per_layer_updates(scorer):
             torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-12)
     assert ctrl.scorer.state[names[2]]["seen"].tolist() == [2.0] * 5  # step 1 skipped
     assert ctrl.scorer.state[names[0]]["seen"].tolist() == [3.0] * 5
+
+
+def test_without_retraction_adam_drifts_the_factors_and_retract_factors_restores_them():
+    """retract=False (the plain parametrisation): Adam moves P and Q off the orthonormal set
+    within a few steps; retract_factors() puts them back with ΔW unchanged."""
+    task, model, opt, ctrl = make_setup(steps=40)
+    assert ctrl.retract is CONTROLLER_DEFAULTS["retract"]
+    ctrl.retract = False
+    layers = adapter_layers(model)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(8):
+        idx = torch.randint(0, len(task.x_train), (64,), generator=gen)
+        task.loss(model(task.x_train[idx]), task.y_train[idx]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def off(la):
+        P, Q = la.lora_P.detach().double(), la.lora_Q.detach().double()
+        eye = torch.eye(la.rank, dtype=torch.float64)
+        return max(float((P.T @ P - eye).abs().max()), float((Q @ Q.T - eye).abs().max()))
+
+    assert max(off(la) for la in layers.values()) > 1e-3
+    before = {n: la.delta_weight().detach().double() for n, la in layers.items()}
+    ctrl.retract_factors()
+    assert max(off(la) for la in layers.values()) < 1e-5
+    for n, la in layers.items():
+        assert torch.allclose(la.delta_weight().detach().double(), before[n], atol=1e-6)

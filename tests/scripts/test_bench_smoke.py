@@ -389,4 +389,24 @@ def test_quality_trace_matches_dense_delta_for_each_method(quality):
         top, mid = want(model, dense)
         assert got["dw_rel_max"] == pytest.approx(top, abs=1e-4), method
         assert got["dw_rel_median"] == pytest.approx(mid, abs=1e-4), method
-    assert len(layers) and bench.delta_stats(adarank, "adarank")["factor_col_max"] > 1.0
+
+    # factor_norm_max: the longest unscaled direction — P's columns and Q's rows (LoRA: B's
+    # columns, A's rows), here taken one vector at a time
+    def longest(model, names):
+        return max(
+            float(torch.linalg.vector_norm(v.detach().double()))
+            for n, p in model.named_parameters()
+            if any(n.endswith(k) for k in names)
+            for v in (p.T if ("lora_P" in n or "lora_B" in n) else p)
+        )
+
+    assert len(layers)
+    got = bench.delta_stats(adarank, "adarank")["factor_norm_max"]
+    assert got == pytest.approx(longest(adarank, ("lora_P", "lora_Q")), abs=1e-4) and got > 1.0
+    got = bench.delta_stats(lora, "lora")["factor_norm_max"]
+    assert got == pytest.approx(
+        longest(lora, ("lora_A.default.weight", "lora_B.default.weight")), abs=1e-4
+    )
+    fresh = bench.build_model(args, 0)
+    add_adapters(fresh, ["re:" + common.BERT_TARGET_REGEX], 3, scaling=4.0)
+    assert bench.delta_stats(fresh, "adarank")["factor_norm_max"] == pytest.approx(1.0, abs=1e-4)
