@@ -199,6 +199,17 @@ def _variant_labels(records: list[dict]) -> list[str]:
     ]
 
 
+def _peak(rs: list[dict]) -> str:
+    """Largest physical adapter size over the runs (warm-up and growth); '?' for records written
+    before ``physical_params_peak`` was recorded (PEFT's never change size: their start)."""
+    peaks = [
+        r.get("physical_params_peak")
+        or (r["physical_params_start"] if r["method"] in ("lora", "adalora") else None)
+        for r in rs
+    ]
+    return "?" if None in peaks else f"{max(peaks):,}"
+
+
 def quality_table(records: list[dict]) -> str:
     """Markdown table: method × budget, mean ± sd validation accuracy at each method's eval lr."""
     evals = [r for r in records if r.get("phase", "eval") in ("eval", "tune")]
@@ -208,7 +219,7 @@ def quality_table(records: list[dict]) -> str:
         groups.setdefault((r["budget_r"], r["method"], v, r["lr"]), []).append(r)
     lines = [
         "| budget (LoRA r) | method | settings that differ | lr | seeds | val acc (mean ± sd) | "
-        "adapter params physical start → end | effective end | allocator state | median step |",
+        "adapter params physical start → peak → end | effective end | allocator state | median step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (b, m, v, lr), rs in sorted(groups.items(), key=lambda kv: kv[0]):
@@ -217,7 +228,7 @@ def quality_table(records: list[dict]) -> str:
         lines.append(
             f"| {b} ({rs[0]['param_budget']:,}) | {m} | {v} | {lr:g} | {len(rs)} "
             f"| {mu:.4f} ± {sd:.4f} "
-            f"| {rs[0]['physical_params_start']:,} → {rs[0]['physical_params_end']:,} "
+            f"| {rs[0]['physical_params_start']:,} → {_peak(rs)} → {rs[0]['physical_params_end']:,} "
             f"| {int(median(x['effective_params_end'] for x in rs)):,} | {st / 1024:.0f} KiB "
             f"| {median(x['step_s_median'] for x in rs):.3f} s |"
         )

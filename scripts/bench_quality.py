@@ -202,7 +202,7 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
     head = [p for n, p in named if "classifier" in n]
     groups = _adapter_groups(args, method, lr, [(n, p) for n, p in named if "classifier" not in n])
     groups.append({"params": head, "lr": args.head_lr} if args.head_lr else {"params": head})
-    physical_start = _adapter_physical(model, method)
+    physical_start = physical_peak = _adapter_physical(model, method)
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     if controller is not None:
         controller.attach_optimizer(opt)
@@ -236,6 +236,8 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
         losses.append(float(out.loss.detach()))
         step_times.append(time.perf_counter() - t0)
         state_peak = max(state_peak, _state_bytes(controller, peft_model, method))
+        if controller is not None:  # the others never change their tensors' size
+            physical_peak = max(physical_peak, _adapter_physical(model, method))
     train_s = time.perf_counter() - t_run
     acc = evaluate(model, data["va"])
     if method == "adarank":
@@ -255,6 +257,7 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
         "losses": [round(v, 4) for v in losses],
         **run_config(args, method),
         "physical_params_start": physical_start,
+        "physical_params_peak": physical_peak,  # the warm-up capacity (growth included)
         "physical_params_end": _adapter_physical(model, method),
         "effective_params_end": effective_params(ranks, dims) if method != "lora" else lora_params,
         "ranks": ranks,

@@ -242,6 +242,9 @@ def test_quality_smoke_budgets(quality):
             assert r["physical_params_end"] == r["param_budget"]
         if r["method"] == "adarank":
             assert r["effective_params_end"] == r["physical_params_end"] <= r["param_budget"]
+            # the peak covers the start and the warm-up budget's growth, never below either end
+            peak = r["physical_params_peak"]
+            assert peak >= max(r["physical_params_start"], r["physical_params_end"])
         if r["method"] == "adarank-fixed":  # same layer, allocation off, LoRA's rank
             assert set(r["ranks"].values()) == {r["budget_r"]}
             assert r["physical_params_end"] == r["physical_params_start"]
