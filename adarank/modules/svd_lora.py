@@ -214,6 +214,8 @@ class SVDLoRALinear(nn.Module):
         if k == 0:
             return
         P, lam, Q = (t.detach().double() for t in (self.lora_P, self.lora_lambda, self.lora_Q))
+        if not bool(torch.isfinite(P).all() & torch.isfinite(lam).all() & torch.isfinite(Q).all()):
+            return  # a diverged step: left as it is for the divergence guard to report
         q_p, r_p = torch.linalg.qr(P)
         q_q, r_q = torch.linalg.qr(Q.T)
         u, sigma, vh = torch.linalg.svd((r_p * lam) @ r_q.T)

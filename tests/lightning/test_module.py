@@ -55,11 +55,20 @@ def test_orth_reg_is_the_orthogonality_penalty():
 
 
 def test_retract_reaches_the_controller_and_keeps_factors_orthonormal():
+    def off(module):  # largest deviation of PᵀP and QQᵀ from I over the layers
+        return max(
+            max(
+                float((la.lora_P.T @ la.lora_P - torch.eye(la.rank)).abs().max()),
+                float((la.lora_Q @ la.lora_Q.T - torch.eye(la.rank)).abs().max()),
+            )
+            for la in adapter_layers(module.model).values()
+            if la.rank
+        )
+
     module, _ = fit_tiny(steps=8, retract=True)
-    assert module.controller.retract is True
-    for la in adapter_layers(module.model).values():
-        P, Q, eye = la.lora_P.detach(), la.lora_Q.detach(), torch.eye(la.rank)
-        assert torch.allclose(P.T @ P, eye, atol=1e-5) and torch.allclose(Q @ Q.T, eye, atol=1e-5)
+    assert module.controller.retract is True and off(module) < 1e-5
+    module, _ = fit_tiny(steps=8)  # off by default: Adam drifts the factors
+    assert module.controller.retract is False and off(module) > 1e-3
     with pytest.raises(TypeError, match="retract="):
         AdaRankModule(make_model(), "regression", budget=100, retract=1)
 

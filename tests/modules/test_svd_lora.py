@@ -146,6 +146,20 @@ def test_retract_keeps_delta_slots_and_parameters(kind, seed):
     layer.retract_()  # rank 0: nothing to do
 
 
+def test_retract_leaves_a_diverged_layer_untouched():
+    """Non-finite factors (a diverged step) are left as they are, without raising, so the
+    training loop's divergence guard reports the step instead of an SVD failure."""
+    layer = SVDLoRALinear(nn.Linear(12, 10), rank=3, scaling=2.0)
+    with torch.no_grad():
+        layer.lora_lambda.copy_(torch.tensor([0.5, float("nan"), 0.1]))
+        layer.lora_P.add_(0.2)
+    before = [t.detach().clone() for t in (layer.lora_P, layer.lora_lambda, layer.lora_Q)]
+    layer.retract_()
+    after = (layer.lora_P, layer.lora_lambda, layer.lora_Q)
+    assert all(torch.equal(a.detach(), b) for a, b in zip(after[::2], before[::2]))
+    assert torch.isnan(after[1][1]) and torch.equal(after[1][::2].detach(), before[1][::2])
+
+
 def test_merge_equals_unmerged_and_unmerge_restores(kind, seed):
     base = make_base(kind)
     w0 = base.weight.detach().clone()
