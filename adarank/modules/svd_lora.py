@@ -219,6 +219,8 @@ class SVDLoRALinear(nn.Module):
         q_p, r_p = torch.linalg.qr(P)
         q_q, r_q = torch.linalg.qr(Q.T)
         u, sigma, vh = torch.linalg.svd((r_p * lam) @ r_q.T)
+        if not bool(torch.isfinite(sigma.to(self.lora_lambda.dtype)).all()):
+            return  # ΔW's singular values overflow the parameter dtype: keep the finite factors
         new_p, new_q = q_p @ u, q_q @ vh.T  # (d_out, k), (d_in, k)
         # (old slot, new triplet); the k × k matching runs on the host: one device sync per layer
         score = ((P.T @ new_p).abs() * (Q @ new_q).abs()).cpu()

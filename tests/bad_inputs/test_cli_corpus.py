@@ -681,13 +681,15 @@ def _strict_json(path: Path) -> dict:
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
+@pytest.mark.parametrize("retract", ["false", "true"])
 def test_diverging_run_fails_with_the_step_and_keeps_a_finite_adapter(
-    tmp_path: Path, capsys
+    tmp_path: Path, capsys, retract: str
 ) -> None:
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
-    assert main(["fit", *PLANTED, f"run.dir={run}", "optimizer.lr=1e30"]) == 1
+    args = [f"run.dir={run}", "optimizer.lr=1e30", f"allocation.retract={retract}"]
+    assert main(["fit", *PLANTED, *args]) == 1
     err = capsys.readouterr().err
     summary = _strict_json(run / "summary.json")
     assert summary["status"] == "failed"

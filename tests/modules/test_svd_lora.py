@@ -158,6 +158,13 @@ def test_retract_leaves_a_diverged_layer_untouched():
     after = (layer.lora_P, layer.lora_lambda, layer.lora_Q)
     assert all(torch.equal(a.detach(), b) for a, b in zip(after[::2], before[::2]))
     assert torch.isnan(after[1][1]) and torch.equal(after[1][::2].detach(), before[1][::2])
+    # finite factors whose product overflows float32 (λ·‖p‖·‖q‖ > 3.4e38) are kept as they are
+    with torch.no_grad():
+        layer.lora_lambda.copy_(torch.tensor([1e30, 1.0, 1.0]))
+        layer.lora_P.mul_(1e10)
+    before = [t.detach().clone() for t in (layer.lora_P, layer.lora_lambda, layer.lora_Q)]
+    layer.retract_()
+    assert all(torch.equal(a.detach(), b) for a, b in zip(after, before))
 
 
 def test_merge_equals_unmerged_and_unmerge_restores(kind, seed):
