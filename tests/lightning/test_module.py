@@ -58,8 +58,8 @@ def test_retract_reaches_the_controller_and_keeps_factors_orthonormal():
     def off(module):  # largest deviation of PᵀP and QQᵀ from I over the layers
         return max(
             max(
-                float((la.lora_P.T @ la.lora_P - torch.eye(la.rank)).abs().max()),
-                float((la.lora_Q @ la.lora_Q.T - torch.eye(la.rank)).abs().max()),
+                float((la.lora_P.T @ la.lora_P - torch.eye(la.rank)).abs().max().detach()),
+                float((la.lora_Q @ la.lora_Q.T - torch.eye(la.rank)).abs().max().detach()),
             )
             for la in adapter_layers(module.model).values()
             if la.rank
