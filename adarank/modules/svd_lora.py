@@ -214,16 +214,23 @@ class SVDLoRALinear(nn.Module):
         if k == 0:
             return
         P, lam, Q = (t.detach().double() for t in (self.lora_P, self.lora_lambda, self.lora_Q))
-        if not bool(torch.isfinite(P).all() & torch.isfinite(lam).all() & torch.isfinite(Q).all()):
-            return  # a diverged step: left as it is for the divergence guard to report
         q_p, r_p = torch.linalg.qr(P)
         q_q, r_q = torch.linalg.qr(Q.T)
-        u, sigma, vh = torch.linalg.svd((r_p * lam) @ r_q.T)
-        if not bool(torch.isfinite(sigma.to(self.lora_lambda.dtype)).all()):
-            return  # ΔW's singular values overflow the parameter dtype: keep the finite factors
+        core = (r_p * lam) @ r_q.T
+        # a diverged step (non-finite factors) is left as it is for the divergence guard to
+        # report; the SVD would raise on it, so it runs on zeros and the result is discarded
+        finite = torch.isfinite(core).all()
+        u, sigma, vh = torch.linalg.svd(torch.where(finite, core, torch.zeros_like(core)))
+        # ... as are finite factors whose singular values overflow the parameter dtype
+        finite &= torch.isfinite(sigma.to(self.lora_lambda.dtype)).all()
         new_p, new_q = q_p @ u, q_q @ vh.T  # (d_out, k), (d_in, k)
-        # (old slot, new triplet); the k × k matching runs on the host: one device sync per layer
-        score = ((P.T @ new_p).abs() * (Q @ new_q).abs()).cpu()
+        # (old slot, new triplet) and the finiteness flag in one transfer: one sync per layer;
+        # the k × k matching runs on the host
+        score = (P.T @ new_p).abs() * (Q @ new_q).abs()
+        host = torch.cat([score.flatten(), finite.to(score.dtype).view(1)]).cpu()
+        if not host[-1]:
+            return
+        score = host[:-1].view(k, k)
         order = torch.empty(k, dtype=torch.long)
         for _ in range(k):
             flat = int(torch.argmax(score))

@@ -158,6 +158,15 @@ def test_retract_leaves_a_diverged_layer_untouched():
     after = (layer.lora_P, layer.lora_lambda, layer.lora_Q)
     assert all(torch.equal(a.detach(), b) for a, b in zip(after[::2], before[::2]))
     assert torch.isnan(after[1][1]) and torch.equal(after[1][::2].detach(), before[1][::2])
+    # non-finite directions are left alone too
+    with torch.no_grad():
+        layer.lora_lambda.copy_(torch.tensor([0.5, 0.2, 0.1]))
+        layer.lora_Q[1, 1] = float("inf")
+    before = [t.detach().clone() for t in (layer.lora_P, layer.lora_lambda, layer.lora_Q)]
+    layer.retract_()
+    assert all(torch.equal(a.detach(), b) for a, b in zip(after, before))
+    with torch.no_grad():
+        layer.lora_Q[1, 1] = 0.3
     # finite factors whose product overflows float32 (λ·‖p‖·‖q‖ > 3.4e38) are kept as they are
     with torch.no_grad():
         layer.lora_lambda.copy_(torch.tensor([1e30, 1.0, 1.0]))
