@@ -223,7 +223,7 @@ def run_one(args, method: str, r: int, lr: float, seed: int) -> dict:
         "ranks_by_type": _ranks_by_type(ranks) if ranks else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "protocol": protocol(args),
-        **({"adarank_retract": _retract(args)} if method == "adarank" else {}),
+        **_settings(args, method),
     }
 
 
@@ -233,6 +233,11 @@ def _retract(args) -> bool:
 
     flag = getattr(args, "adarank_retract", None)
     return CONTROLLER_DEFAULTS["retract"] if flag is None else flag == "true"
+
+
+def _settings(args, method: str) -> dict:
+    """The method's own settings that a record carries (adarank: whether it retracts)."""
+    return {"adarank_retract": _retract(args)} if method == "adarank" else {}
 
 
 def _variant(rec: dict) -> str:
@@ -281,8 +286,8 @@ def run_sweep(args) -> list[dict]:
     records: dict[tuple, dict] = {}  # this invocation's runs (the file may hold others)
 
     def go(method, r, lr, seed):
-        variant = method + ("+retract" if method == "adarank" and _retract(args) else "")
-        key = (variant, r, float(lr), seed, json.dumps(protocol(args)))
+        spec = {"method": method, "budget_r": r, "lr": lr, "seed": seed}
+        key = _key({**spec, **_settings(args, method), "protocol": protocol(args)})
         if key not in done:
             t0 = time.perf_counter()
             rec = _spawn(args, method, r, lr, seed)
