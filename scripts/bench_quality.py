@@ -293,11 +293,11 @@ def delta_stats(model: torch.nn.Module, method: str) -> dict:
         factors = _delta_factors(module, method)
         if factors is None:
             continue
-        left, right, base = factors  # ΔW = left @ right
+        left, right, base, (cols, rows) = factors  # ΔW = left @ right
         if left.shape[1] == 0:
             ratios.append(0.0)
             continue
-        col = max(col, _direction_norm_max(module, method))
+        col = max(col, float(cols.norm(dim=0).max()), float(rows.norm(dim=1).max()))
         r_l = torch.linalg.qr(left, mode="r")[1]
         r_r = torch.linalg.qr(right.T, mode="r")[1]
         spec = float(torch.linalg.matrix_norm(r_l @ r_r.T, ord=2))
@@ -310,19 +310,10 @@ def delta_stats(model: torch.nn.Module, method: str) -> dict:
     }
 
 
-def _direction_norm_max(module, method: str) -> float:
-    """Largest unscaled factor direction norm of one adapted layer (see :func:`delta_stats`)."""
-    if method.startswith("adarank"):
-        pair = (module.lora_P, module.lora_Q.T)
-    else:
-        A, B = module.lora_A["default"], module.lora_B["default"]
-        pair = tuple((m.weight if hasattr(m, "weight") else m) for m in (B, A))
-        pair = (pair[0], pair[1].T)
-    return max(float(t.detach().double().norm(dim=0).max()) for t in pair)
-
-
 def _delta_factors(module, method: str):
-    """``(L, R, W0)`` float64 with ΔW = L R for an adapted layer of ``method``, else None."""
+    """``(L, R, W0, (D_out, D_in))`` float64 with ΔW = L R for an adapted layer of ``method``,
+    else None; ``D_out`` (d_out, r) and ``D_in`` (r, d_in) are the unscaled direction factors
+    (adarank: P, Q; LoRA and AdaLoRA: B, A)."""
     if method.startswith("adarank"):
         from adarank.modules import SVDLoRALinear
 
@@ -331,18 +322,19 @@ def _delta_factors(module, method: str):
         P, lam, Q = (
             t.detach().double() for t in (module.lora_P, module.lora_lambda, module.lora_Q)
         )
-        return module.scaling * P * lam, Q, module.base_weight.detach().double()
+        return module.scaling * P * lam, Q, module.base_weight.detach().double(), (P, Q)
     if not hasattr(module, "lora_A") or "default" not in getattr(module, "lora_A", {}):
         return None
     A, B = module.lora_A["default"], module.lora_B["default"]
     A = (A.weight if hasattr(A, "weight") else A).detach().double()  # (r, d_in)
     B = (B.weight if hasattr(B, "weight") else B).detach().double()  # (d_out, r)
+    directions = (B, A)
     scale = float(module.scaling["default"])
     if method == "adalora":  # ΔW = B (A ⊙ E) · scaling / ranknum
         E = module.lora_E["default"].detach().double()
         A = A * E
         scale /= float(module.ranknum["default"]) + 1e-5
-    return B * scale, A, module.base_layer.weight.detach().double()
+    return B * scale, A, module.base_layer.weight.detach().double(), directions
 
 
 def _adapter_groups(args, method: str, lr: float, named) -> list[dict]:
