@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 from collections.abc import Callable
@@ -511,7 +512,9 @@ RUN_CASES = [
         "resume_random_ckpt",
         [*RES, "trainer.max_steps=9"],
         r"last\.ckpt' cannot be read safely",
-        run_setup=_ckpt_bytes(lambda b: os.urandom(4096)),
+        # seeded: which unpickler error random bytes raise depends on them (unseeded, ≈ 9 % of
+        # draws took the "unreadable" path instead and the case failed at random)
+        run_setup=_ckpt_bytes(lambda b: random.Random(0).randbytes(4096)),
     ),
     Case(
         "resume_empty_ckpt",
