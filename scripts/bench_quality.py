@@ -484,15 +484,18 @@ def run_minilm(args) -> list[dict]:
         records.setdefault(key, done[key])
         return done[key]
 
-    best = {}
-    for lr in args.lrs:  # interleave methods so load changes hit all of them alike
+    if args.first_seed:  # a later part of the seeds, run beside the first (one lr: no tuning)
+        best = dict.fromkeys(args.methods, args.lrs[0])
+    else:
+        best = {}
+        for lr in args.lrs:  # interleave methods so load changes hit all of them alike
+            for method in args.methods:
+                go(method, args.tune_budget, lr, 0)
         for method in args.methods:
-            go(method, args.tune_budget, lr, 0)
-    for method in args.methods:
-        tuned = [go(method, args.tune_budget, lr, 0) for lr in args.lrs]
-        best[method] = max(tuned, key=lambda rec: rec["val_acc"])["lr"]
+            tuned = [go(method, args.tune_budget, lr, 0) for lr in args.lrs]
+            best[method] = max(tuned, key=lambda rec: rec["val_acc"])["lr"]
     print(f"best lr per method: {best}", flush=True)
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.seeds):
         for r in args.budgets:
             for method in args.methods:
                 go(method, r, best[method], seed)
@@ -509,6 +512,13 @@ def parse_args(argv):
     ap.add_argument("--tune-budget", type=int, default=4, help="budget (LoRA r) for lr tuning")
     ap.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="learning-rate grid")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="run seeds first-seed … seeds-1 only (no lr tuning: needs a single --lrs), so the "
+        "seeds of one configuration can run in parallel processes",
+    )
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--n-val", type=int, default=500)
     ap.add_argument("--max-length", type=int, default=32)
@@ -621,11 +631,18 @@ def parse_args(argv):
     args.budgets = [int(b) for b in args.budgets.split(",")]
     args.lrs = [float(v) for v in args.lrs.split(",")]
     if args.smoke:
-        args.budgets, args.tune_budget, args.lrs, args.seeds = [2, 4], 2, [5e-3], 1
+        args.budgets, args.tune_budget, args.lrs = [2, 4], 2, [5e-3]
+        args.seeds = args.first_seed + 1
         args.n_train, args.n_val, args.max_length, args.batch_size = 160, 64, 16, 16
         args.planted_steps, args.planted_seeds = 150, 1
     if args.tune_budget not in args.budgets:
         ap.error(f"--tune-budget {args.tune_budget} must be one of --budgets {args.budgets}")
+    if not 0 <= args.first_seed < args.seeds:
+        ap.error(f"--first-seed {args.first_seed}: expected 0 ≤ first-seed < --seeds {args.seeds}")
+    if args.first_seed and len(args.lrs) != 1:
+        ap.error(
+            f"--first-seed {args.first_seed} skips the lr tuning: give one --lrs, not {args.lrs}"
+        )
     return args
 
 

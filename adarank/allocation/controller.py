@@ -306,8 +306,12 @@ class RankController:
         cap.capture_gradient(False)
 
     # ------------------------------------------------------------------ step
-    def step(self, global_step: int) -> AllocationEvent | None:
+    def step(self, global_step: int, updated: bool = True) -> AllocationEvent | None:
         """Call after ``optimizer.step()``; ``global_step`` = optimizer steps taken so far.
+
+        ``updated=False`` says the optimizer left the adapters alone at this step (a skipped
+        non-finite step): the retraction then has nothing to restore and does not run, so the
+        step changes nothing (the allocation schedule still counts it).
 
         Returns:
             the :class:`AllocationEvent` if this step re-allocated, else ``None``.
@@ -315,8 +319,10 @@ class RankController:
         if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
             raise ValueError(f"global_step={global_step!r}: expected a non-negative int")
         self._check_open("step")
+        if not isinstance(updated, bool):
+            raise TypeError(f"updated={updated!r}: expected True or False")
         self.global_step = global_step
-        if self.retract:
+        if self.retract and updated:
             self.retract_factors()
         event = None
         if self.schedule is not None and self.schedule.is_allocation_step(global_step):

@@ -218,6 +218,7 @@ class AdaRankModule(pl.LightningModule):
         if total_steps is not None and (isinstance(total_steps, bool) or int(total_steps) < 1):
             raise ValueError(f"total_steps={total_steps!r} must be a positive int or None")
         self.guard = NonFiniteGuard(nonfinite, max_skipped_steps)
+        self._step_updates = True  # whether the coming optimizer step changes the adapters
         self.model = model
         self.base_params = count_parameters(model)["base"]
         self.param_budget = None if budget is None else resolve_budget(budget, self.base_params)
@@ -346,6 +347,7 @@ class AdaRankModule(pl.LightningModule):
         params = self._trainable()
         # "fail" raises here, before the update; "skip" drops the step's gradients below
         finite = self.guard.before_update(params, step, check_grads=scaler is None)
+        self._step_updates = finite  # a skipped step leaves the factors alone: no retraction
         if self.controller is not None:
             # all-reduces its statistics under torch.distributed; ignores non-finite ones
             self.controller.observe()
@@ -369,7 +371,7 @@ class AdaRankModule(pl.LightningModule):
         # controller gets the number of optimizer steps taken including this one
         step = int(self.trainer.global_step) + 1
         before = [id(p) for p in self.model.parameters()]
-        event = self.controller.step(step)
+        event = self.controller.step(step, updated=self._step_updates)
         if event is not None:
             distributed.check_same_decision(self, step, self.controller.ranks())
         if [id(p) for p in self.model.parameters()] != before:

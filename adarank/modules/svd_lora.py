@@ -52,6 +52,84 @@ def _orthonormal(rows: int, cols: int, generator: torch.Generator | None) -> tor
     return (q if rows >= cols else q.T).to(torch.float32).contiguous()
 
 
+#: singular values of one layer closer than this (relative to its largest) count as tied in
+#: :meth:`SVDLoRALinear.retract_`: their SVD basis is chosen by rounding, so it is aligned to
+#: the old slots instead
+RETRACT_TIE_RTOL = 1e-5
+
+
+def align_tied_triplets(
+    cos_p: torch.Tensor,
+    cos_q: torch.Tensor,
+    sigma: torch.Tensor,
+    lam_sign: torch.Tensor,
+    tie_rtol: float = RETRACT_TIE_RTOL,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Hand the triplets of a fresh SVD back to the slots they came from (host-side, k × k).
+
+    Args:
+        cos_p, cos_q: ``cos_p[i, j]`` = cosine of old slot i's ``p`` (``q``) with the new
+            triplet j's (k × k).
+        sigma: the new singular values, descending (k).
+        lam_sign: the signs of the old λ (k; 0 counts as +).
+        tie_rtol: σ within ``tie_rtol · σ_max`` of each other form one tied cluster.
+
+    Returns:
+        ``(turn_p, turn_q), lam``: slot i's new directions are ``U @ turn_p[:, i]`` and
+        ``V @ turn_q[:, i]`` (U, V the SVD's) and its value ``lam[i]``, signed so that both
+        directions point the way the old ones did.
+
+    A tied cluster C has no preferred basis: any rotation R applied to both ``U_C`` and ``V_C``
+    keeps ``U_C diag(σ_C) V_Cᵀ`` (exactly when the σ are equal). R is the orthogonal
+    Procrustes solution that turns the cluster onto the |C| old slots with most energy in it:
+    with ``M = (cos_p + sign(λ)·cos_q)[S, C]`` = X Σ Yᵀ, R = Y Xᵀ maximises tr(M R). A cluster
+    at σ ≈ 0 leaves ``U_C`` and ``V_C`` free independently, so each gets its own Procrustes
+    rotation and its values are set to exactly 0. Another cluster's values become
+    ``diag(Rᵀ diag(σ_C) R)``. Then every slot takes the triplet its directions overlap most
+    (greedy on ``|cos_p|·|cos_q|``) and the old signs.
+    """
+    k = sigma.numel()
+    cos_p, cos_q, sigma = cos_p.double(), cos_q.double(), sigma.double()
+    sign = torch.where(lam_sign < 0, -1.0, 1.0).to(cos_p)
+    rot_p, rot_q = torch.eye(k, dtype=torch.float64), torch.eye(k, dtype=torch.float64)
+    value = sigma.clone()
+    gap = sigma[:-1] - sigma[1:]
+    cuts = [0, *(int(j) + 1 for j in torch.nonzero(gap > tie_rtol * sigma[0]).flatten()), k]
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        if hi - lo < 2:
+            continue
+        c = slice(lo, hi)
+        if sigma[lo] <= tie_rtol * sigma[0]:
+            # a cluster at σ ≈ 0: U_C and V_C are each arbitrary on their own
+            energy = cos_p[:, c].square().sum(1) + cos_q[:, c].square().sum(1)
+            slots = torch.topk(energy, hi - lo).indices.sort().values
+            rot_p[c, c], rot_q[c, c] = _procrustes(cos_p[slots, c]), _procrustes(cos_q[slots, c])
+            value[c] = 0.0  # rounding noise: zero stays exactly zero (a grown triplet's λ)
+            continue
+        pull = cos_p[:, c] + sign[:, None] * cos_q[:, c]  # (old slot, cluster member)
+        slots = torch.topk(pull.norm(dim=1), hi - lo).indices.sort().values
+        rot_p[c, c] = rot_q[c, c] = _procrustes(pull[slots])
+        value[c] = torch.diagonal(rot_p[c, c].T @ torch.diag(sigma[c]) @ rot_p[c, c])
+    cos_p, cos_q = cos_p @ rot_p, cos_q @ rot_q
+    score = cos_p.abs() * cos_q.abs()
+    order = torch.empty(k, dtype=torch.long)
+    for _ in range(k):
+        i, j = divmod(int(torch.argmax(score)), k)
+        order[i] = j
+        score[i, :] = -1.0
+        score[:, j] = -1.0
+    slot = torch.arange(k)
+    sign_p = torch.where(cos_p[slot, order] < 0, -1.0, 1.0).to(cos_p)
+    sign_q = torch.where(cos_q[slot, order] < 0, -1.0, 1.0).to(cos_q)
+    return (rot_p[:, order] * sign_p, rot_q[:, order] * sign_q), value[order] * sign_p * sign_q
+
+
+def _procrustes(m: torch.Tensor) -> torch.Tensor:
+    """The orthogonal R maximising tr(m R): with m = X Σ Yᵀ, R = Y Xᵀ."""
+    x, _, yh = torch.linalg.svd(m)
+    return yh.T @ x.T
+
+
 class _ScaledUp(torch.autograd.Function):
     """``(z ⊙ c) Pᵀ`` that keeps only ``z`` (plus the small ``c``, ``P``) for backward.
 
@@ -201,7 +279,7 @@ class SVDLoRALinear(nn.Module):
         return torch.linalg.svdvals(core)
 
     @torch.no_grad()
-    def retract_(self) -> None:
+    def retract_(self, tie_rtol: float = RETRACT_TIE_RTOL) -> None:
         """Make P and Q exactly orthonormal again without changing ΔW, in place.
 
         ``P = Q_P R_P``, ``Qᵀ = Q_Q R_Q``; the SVD ``R_P diag(λ) R_Qᵀ = U diag(σ) Vᵀ`` gives
@@ -209,6 +287,13 @@ class SVDLoRALinear(nn.Module):
         New triplets are matched to the old ones (greedy on ``|⟨p_i, p'_j⟩|·|⟨q_i, q'_j⟩|``) and
         given the old signs, so each slot keeps its triplet and the optimizer state of the slot
         stays meaningful; the Parameter objects are kept (no optimizer update needed).
+
+        Tied singular values (within ``tie_rtol`` of the largest; e.g. every ``|λ| = lr`` after
+        Adam's first step, or the ``λ = 0`` of freshly grown triplets) leave the SVD basis of
+        their cluster arbitrary, decided by rounding. Inside such a cluster the basis is turned
+        (orthogonal Procrustes, :func:`align_tied_triplets`) to the old slots' own directions, so
+        the slots keep their triplets and the result does not depend on rounding; ΔW then
+        changes by at most the cluster's spread of σ (≤ ``tie_rtol`` · σ_max).
         """
         k = self.rank
         if k == 0:
@@ -223,28 +308,31 @@ class SVDLoRALinear(nn.Module):
         u, sigma, vh = torch.linalg.svd(torch.where(finite, core, torch.zeros_like(core)))
         # ... as are finite factors whose singular values overflow the parameter dtype
         finite &= torch.isfinite(sigma.to(self.lora_lambda.dtype)).all()
-        new_p, new_q = q_p @ u, q_q @ vh.T  # (d_out, k), (d_in, k)
-        # (old slot, new triplet) and the finiteness flag in one transfer: one sync per layer;
-        # the k × k matching runs on the host
-        score = (P.T @ new_p).abs() * (Q @ new_q).abs()
-        host = torch.cat([score.flatten(), finite.to(score.dtype).view(1)]).cpu()
+        v = vh.T
+        # cosines of the old slots' directions with the new ones, in Q_P / Q_Q coordinates
+        # (r_p[:, i] = coordinates of p_i); non-finite norms are caught by the flag above
+        unit_p = r_p / r_p.norm(dim=0).clamp_min(1e-300)
+        unit_q = r_q / r_q.norm(dim=0).clamp_min(1e-300)
+        cos_p, cos_q = unit_p.T @ u, unit_q.T @ v  # (old slot, new triplet)
+        # everything the k × k alignment needs, and the finiteness flag, in one transfer: one
+        # sync per layer; the alignment runs on the host in float64
+        host = torch.cat(
+            [cos_p.flatten(), cos_q.flatten(), sigma, torch.sign(lam), finite.to(sigma).view(1)]
+        ).cpu()
         if not host[-1]:
             return
-        score = host[:-1].view(k, k)
-        order = torch.empty(k, dtype=torch.long)
-        for _ in range(k):
-            flat = int(torch.argmax(score))
-            i, j = divmod(flat, k)
-            order[i] = j
-            score[i, :] = -1.0
-            score[:, j] = -1.0
-        order = order.to(new_p.device)
-        new_p, new_q, sigma = new_p[:, order], new_q[:, order], sigma[order]
-        sign_p = torch.where((P * new_p).sum(0) < 0, -1.0, 1.0).to(new_p)
-        sign_q = torch.where((Q.T * new_q).sum(0) < 0, -1.0, 1.0).to(new_q)
-        self.lora_P.copy_(new_p * sign_p)
-        self.lora_Q.copy_((new_q * sign_q).T)
-        self.lora_lambda.copy_(sigma * sign_p * sign_q)
+        kk = k * k
+        turn, lam_new = align_tied_triplets(
+            host[:kk].view(k, k),
+            host[kk : 2 * kk].view(k, k),
+            host[2 * kk : 2 * kk + k],
+            host[2 * kk + k : 2 * kk + 2 * k],
+            tie_rtol,
+        )
+        turn_p, turn_q = (t.to(u.device) for t in turn)
+        self.lora_P.copy_(q_p @ (u @ turn_p))
+        self.lora_Q.copy_((q_q @ (v @ turn_q)).T)
+        self.lora_lambda.copy_(lam_new.to(u.device))
 
     def shift_weight(self) -> torch.Tensor:
         """The low-rank part moved out of W0 by a data-aware init, (d_out, d_in)."""

@@ -101,11 +101,16 @@ def _summary(run: Path) -> dict:
 
 
 @pytest.mark.slow  # four CLI runs, two of them with 2 processes: ~75 s on 2 shared cores
-def test_ddp_fit_and_resume_match_a_single_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("retract", ["false", "true"])
+def test_ddp_fit_and_resume_match_a_single_process(tmp_path: Path, retract: str) -> None:
+    """Also with the retraction: its tie-aware alignment keeps the slots independent of the
+    rounding differences between 2 × 8 and 1 × 16 (a plain SVD let rounding pick the basis of
+    the tie after the first step, and the runs diverged)."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
+    planted = [*PLANTED, f"allocation.retract={retract}"]
     # 2 processes × 8 = the global batch of 16 of the single process; both stop after the
     # first epoch (4 steps) and are resumed to step 20
-    proc, codes = _fit(tmp_path, *PLANTED, *DDP, "data.batch_size=8", f"run.dir={ddp}")
+    proc, codes = _fit(tmp_path, *planted, *DDP, "data.batch_size=8", f"run.dir={ddp}")
     assert proc.returncode == 0 and codes == {0: 0, 1: 0}, proc.stderr[-3000:]
     assert _summary(ddp)["steps"] == 4
     assert "finished: 4 steps" in proc.stdout and proc.stdout.count("finished") == 1
@@ -113,7 +118,7 @@ def test_ddp_fit_and_resume_match_a_single_process(tmp_path: Path) -> None:
     assert proc.returncode == 0 and codes == {0: 0, 1: 0}, proc.stderr[-3000:]
     assert "(process 1)" not in proc.stderr
 
-    proc, codes = _fit(tmp_path, *PLANTED, "data.batch_size=16", f"run.dir={single}")
+    proc, codes = _fit(tmp_path, *planted, "data.batch_size=16", f"run.dir={single}")
     assert proc.returncode == 0 and codes == {0: 0}, proc.stderr[-3000:]
     proc, codes = _fit(tmp_path, "--resume", str(single), "trainer.max_steps=20")
     assert proc.returncode == 0 and codes == {0: 0}, proc.stderr[-3000:]
@@ -132,8 +137,11 @@ def test_ddp_fit_and_resume_match_a_single_process(tmp_path: Path) -> None:
     ta = load_file(ddp / "adapter" / "adapter.safetensors")
     tb = load_file(single / "adapter" / "adapter.safetensors")
     assert ta.keys() == tb.keys() and ta
+    # the retraction's SVD turns rounding differences δ into δ / gap between close singular
+    # values (measured: 1.3e-5 on entries of O(1) in the rank-4 layer, 1e-7 elsewhere)
+    atol = 1e-4 if retract == "true" else 1e-5
     for name, tensor in tb.items():
-        assert torch.allclose(ta[name], tensor, atol=1e-5), name
+        assert torch.allclose(ta[name], tensor, atol=atol), name
     # one writer: one CSV log version per attempt, the checkpoint of the last step
     assert sorted(p.name for p in (ddp / "logs" / "csv").iterdir()) == ["version_0", "version_1"]
     assert torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20

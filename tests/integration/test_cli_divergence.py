@@ -80,15 +80,18 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("budget", [None, 2 * 2 * 17])
-def test_skip_drops_exactly_the_bad_step(budget) -> None:
-    module, rec, error = _fit(bad_steps=(3,), budget=budget, nonfinite="skip")
+@pytest.mark.parametrize(
+    ("budget", "retract"), [(None, False), (2 * 2 * 17, False), (2 * 2 * 17, True)]
+)
+def test_skip_drops_exactly_the_bad_step(budget, retract) -> None:
+    """A skipped step changes nothing — with the retraction too, which then does not run."""
+    module, rec, error = _fit(bad_steps=(3,), budget=budget, nonfinite="skip", retract=retract)
     assert error is None and module.guard.skipped == [3]
     assert len(rec.after) == 7
     assert _same(rec.after[3], rec.after[2])  # step 3 changed nothing
     assert not _same(rec.after[4], rec.after[3])  # and training went on
     assert all(torch.isfinite(t).all() for t in rec.after[-1].values())
-    clean, rec_clean, _ = _fit(budget=budget)
+    clean, rec_clean, _ = _fit(budget=budget, retract=retract)
     assert _same(rec_clean.after[2], rec.after[2])  # identical up to the bad step
 
 

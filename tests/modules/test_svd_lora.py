@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adarank.modules.svd_lora import SVDLoRALinear
+from adarank.modules.svd_lora import SVDLoRALinear, align_tied_triplets
 
 D_IN, D_OUT = 12, 10
 
@@ -434,3 +434,62 @@ def test_up_projection_gradients_and_saved_activations():
     (layer.base_layer(x) + 2.0 * (x @ Q.T * lam) @ P.T).square().sum().backward()
     for mine, theirs in ((layer.lora_P, P), (layer.lora_lambda, lam), (layer.lora_Q, Q)):
         assert torch.allclose(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_retract_leaves_tied_triplets_in_their_slots(seed):
+    """Tied |λ| (all equal, as after Adam's first step from λ = 0; or the zeros of freshly grown
+    triplets) leave the SVD basis of the tie to rounding: retract_() must keep the slots'
+    own directions and values instead, and a rounding-level perturbation must not move them."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = SVDLoRALinear(nn.Linear(16, 12), 5, scaling=2.0, generator=gen)
+    with torch.no_grad():
+        layer.lora_lambda.copy_(torch.tensor([1e-3, -1e-3, 1e-3, 1e-3, -1e-3]))
+    before = [t.detach().clone() for t in (layer.lora_P, layer.lora_lambda, layer.lora_Q)]
+    twin = SVDLoRALinear(nn.Linear(16, 12), 5, scaling=2.0)
+    twin.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        twin.lora_P.add_(1e-7 * torch.randn(twin.lora_P.shape, generator=gen))
+        twin.lora_Q.add_(1e-7 * torch.randn(twin.lora_Q.shape, generator=gen))
+    layer.retract_()
+    twin.retract_()
+    for got, want in zip((layer.lora_P, layer.lora_lambda, layer.lora_Q), before):
+        torch.testing.assert_close(got.detach(), want, atol=1e-6, rtol=0)
+    for a, b in zip(layer.parameters(), twin.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-6, rtol=0)
+    # two large distinct triplets and three grown ones at λ = 0: the zeros stay in place,
+    # the large ones are re-diagonalised (their directions do rotate, ΔW is kept)
+    with torch.no_grad():
+        layer.lora_lambda.copy_(torch.tensor([0.0, 0.9, 0.0, -0.4, 0.0]))
+        layer.lora_P[:, 1].add_(0.05 * layer.lora_P[:, 3])
+    zeros_p, zeros_q = layer.lora_P.detach()[:, ::2].clone(), layer.lora_Q.detach()[::2].clone()
+    want = delta64(layer)
+    layer.retract_()
+    torch.testing.assert_close(delta64(layer), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.lora_P.detach()[:, ::2], zeros_p, atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.lora_Q.detach()[::2], zeros_q, atol=1e-6, rtol=0)
+    assert torch.equal(layer.lora_lambda.detach()[::2], torch.zeros(3))
+
+
+def test_align_tied_triplets_rotates_a_tie_onto_the_old_slots(seed):
+    """The Procrustes step against a brute-force check: a cluster of equal σ given in a random
+    rotated basis is turned back onto the slots exactly (signs included), values unchanged;
+    σ apart by more than the tolerance are never mixed."""
+    gen = torch.Generator().manual_seed(seed)
+    turn, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    # new triplets 0..2 = a rotation of old slots 1..3 (tied σ = 0.5), new 3 = old slot 0
+    u = torch.zeros(4, 4, dtype=torch.float64)
+    u[1:, :3] = turn
+    u[0, 3] = 1.0
+    sigma = torch.tensor([0.5, 0.5, 0.5, 0.1], dtype=torch.float64)
+    lam_sign = torch.tensor([1.0, -1.0, 1.0, 1.0])
+    v = u * lam_sign[:, None]  # a negative old λ: its q points the other way
+    (turn_p, turn_q), lam = align_tied_triplets(u, v, sigma, lam_sign)
+    eye = torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(u @ turn_p, eye, atol=1e-12, rtol=0)
+    torch.testing.assert_close(v @ turn_q, eye, atol=1e-12, rtol=0)
+    torch.testing.assert_close(lam, torch.tensor([0.1, -0.5, 0.5, 0.5], dtype=torch.float64))
+    # the same σ set 1e-3 apart: no cluster, the SVD basis is kept as it is (columns permuted)
+    apart = torch.tensor([0.502, 0.501, 0.5, 0.1], dtype=torch.float64)
+    (turn_p, _), lam = align_tied_triplets(u, v, apart, lam_sign)
+    assert ((turn_p.abs() == 1) | (turn_p == 0)).all()
+    assert sorted(lam.abs().tolist()) == sorted(apart.tolist())

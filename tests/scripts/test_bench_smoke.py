@@ -413,3 +413,22 @@ def test_quality_trace_matches_dense_delta_for_each_method(quality):
     fresh = bench.build_model(args, 0)
     add_adapters(fresh, ["re:" + common.BERT_TARGET_REGEX], 3, scaling=4.0)
     assert bench.delta_stats(fresh, "adarank")["factor_norm_max"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_quality_first_seed_runs_only_the_later_seeds(tmp_path, capsys):
+    """--first-seed lets the seeds of one configuration run in parallel processes: only seeds
+    ≥ first-seed run, with no lr tuning (so exactly one lr is required)."""
+    bench = _load("bench_quality")
+    common = _load("_bench_common")
+    jsonl = tmp_path / "q.jsonl"
+    argv = ["--smoke", "--part", "minilm", "--methods", "adarank", "--jsonl", str(jsonl)]
+    assert bench.main([*argv, "--first-seed", "1"]) == 0
+    recs = common.read_jsonl(jsonl)
+    assert sorted((r["budget_r"], r["seed"]) for r in recs) == [(2, 1), (4, 1)]
+    for bad, match in (
+        (["--first-seed", "3", "--seeds", "3"], "expected 0 ≤ first-seed < --seeds 3"),
+        (["--first-seed", "1", "--lrs", "1e-3,3e-3"], "give one --lrs"),
+    ):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+        assert match in capsys.readouterr().err
