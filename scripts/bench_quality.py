@@ -171,6 +171,7 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
                 schedule,
                 scorer=args.adarank_scorer,
                 retract=args.adarank_retract,
+                max_delta_ratio=args.adarank_max_delta_ratio or None,
                 seed=seed,
             )
             import adarank.allocation.controller as controller_module  # new slots' moments
@@ -423,6 +424,7 @@ ADARANK_LEVERS = {
     "adarank_pq_lr_mult": 1.0,
     "adarank_lambda_wd": 0.0,
     "adarank_retract": False,
+    "adarank_max_delta_ratio": 0.0,
     "adarank_smooth_start": False,
     "adarank_relative_scaling": 0.0,
 }
@@ -606,6 +608,13 @@ def parse_args(argv):
         action="store_true",
         help="after each optimizer step, re-orthonormalise P, Q exactly (QR + SVD of the core): "
         "RankController(retract=True), the config's allocation.retract",
+    )
+    ap.add_argument(
+        "--adarank-max-delta-ratio",
+        type=float,
+        default=0.0,
+        help="bound each layer's ‖ΔW‖₂ by this × ‖W0‖₂ after every step (0 = off): "
+        "RankController(max_delta_ratio=...)",
     )
     ap.add_argument(
         "--head-lr",

@@ -37,6 +37,7 @@ from adarank.allocation.importance import Scorer, make_scorer
 from adarank.allocation.optim_sync import replace_parameter
 from adarank.allocation.regularizer import orthogonality_penalty
 from adarank.allocation.step_stats import gather_step_stats
+from adarank.modules.base_layers import is_quantized
 
 __all__ = ["CONTROLLER_DEFAULTS", "RankController", "AllocationEvent"]
 
@@ -110,6 +111,10 @@ class RankController:
             again without changing ΔW (:meth:`SVDLoRALinear.retract_`: QR of both factors, SVD
             of the r × r core), so λ are ΔW's singular values and the scores compare triplets
             on one scale. Exact where the penalty is approximate, and free of its gradient.
+        max_delta_ratio: bound every layer's ‖ΔW‖₂ by this multiple of its base weight's
+            ‖W0‖₂ (:meth:`SVDLoRALinear.cap_delta_` after each step, after the retraction;
+            exact with ``retract=True``, per triplet without). ``None`` (the default) leaves ΔW
+            free. A trust region against the runaway ΔW of too high a learning rate.
         optimizer: optimizer to keep consistent (also :meth:`attach_optimizer`).
         seed: seed of the randomized SVD used for growth.
     """
@@ -129,6 +134,7 @@ class RankController:
         protect_rounds: int = 1,
         orth_reg: float = CONTROLLER_DEFAULTS["orth_reg"],
         retract: bool = CONTROLLER_DEFAULTS["retract"],
+        max_delta_ratio: float | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         seed: int = 0,
     ) -> None:
@@ -151,6 +157,18 @@ class RankController:
         if not isinstance(retract, bool):
             raise TypeError(f"retract={retract!r}: expected True or False")
         self.retract = retract
+        if max_delta_ratio is not None and (
+            isinstance(max_delta_ratio, bool) or not float(max_delta_ratio) > 0
+        ):
+            raise ValueError(f"max_delta_ratio={max_delta_ratio!r}: expected a number > 0 or None")
+        self.max_delta_ratio = None if max_delta_ratio is None else float(max_delta_ratio)
+        quantized = [n for n, la in layers.items() if is_quantized(la.base_layer)]
+        if self.max_delta_ratio is not None and quantized:
+            raise TypeError(
+                f"max_delta_ratio={max_delta_ratio} needs dense base weights to measure ‖W0‖₂; "
+                f"{quantized[0]!r} (and {len(quantized) - 1} more) are quantized"
+            )
+        self._base_norm: dict[str, float] = {}  # ‖W0‖₂ per layer, measured at the first cap
         self.optimizer = optimizer
         self.seed = int(seed)
         self.min_rank = {n: self._bound(min_rank, n, 0) for n in self.layers}
@@ -220,6 +238,15 @@ class RankController:
         attached to the same triplets."""
         for layer in self.layers.values():
             layer.retract_()
+
+    def cap_deltas(self) -> None:
+        """Bound every layer's ΔW by ``max_delta_ratio`` · ‖W0‖₂ (what :meth:`step` does when
+        ``max_delta_ratio`` is set; ‖W0‖₂ is measured once, at the first call)."""
+        for name, layer in self.layers.items():
+            if name not in self._base_norm:
+                w = layer.base_weight.detach().float()
+                self._base_norm[name] = float(torch.linalg.matrix_norm(w, ord=2))
+            layer.cap_delta_(self.max_delta_ratio * self._base_norm[name])
 
     def state_memory_bytes(self) -> int:
         """Bytes of allocation state kept between steps (scorer + birth steps)."""
@@ -324,6 +351,8 @@ class RankController:
         self.global_step = global_step
         if self.retract and updated:
             self.retract_factors()
+        if self.max_delta_ratio is not None and updated:
+            self.cap_deltas()
         event = None
         if self.schedule is not None and self.schedule.is_allocation_step(global_step):
             if not self._observed_since_step:

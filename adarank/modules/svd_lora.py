@@ -334,6 +334,24 @@ class SVDLoRALinear(nn.Module):
         self.lora_Q.copy_((q_q @ (v @ turn_q)).T)
         self.lora_lambda.copy_(lam_new.to(u.device))
 
+    def cap_delta_(self, max_sv: float) -> None:
+        """Shrink every triplet whose part of ΔW exceeds ``max_sv`` back to it, in place.
+
+        A triplet's part ``s λ_i p_i q_iᵀ`` has spectral norm ``s |λ_i| ‖p_i‖ ‖q_i‖``; λ_i is
+        scaled so that this is at most ``max_sv``. With orthonormal factors (after
+        :meth:`retract_`) these are ΔW's singular values, so ``‖ΔW‖₂ ≤ max_sv`` exactly; with
+        drifting factors the bound is per triplet only. Directions are kept (a projection of
+        λ onto the box, no device sync).
+        """
+        if not max_sv > 0:
+            raise ValueError(f"max_sv={max_sv!r}: expected a positive bound")
+        if self.rank == 0:
+            return
+        with torch.no_grad():
+            size = self.scaling * self.lora_lambda.abs()
+            size = size * self.lora_P.norm(dim=0) * self.lora_Q.norm(dim=1)
+            self.lora_lambda.mul_(torch.clamp(max_sv / size.clamp_min(1e-30), max=1.0))
+
     def shift_weight(self) -> torch.Tensor:
         """The low-rank part moved out of W0 by a data-aware init, (d_out, d_in)."""
         return self.shift_P.float() @ self.shift_Q.float()

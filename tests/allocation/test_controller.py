@@ -444,3 +444,30 @@ def test_without_retraction_adam_drifts_the_factors_and_retract_factors_restores
     assert max(off(la) for la in layers.values()) < 1e-5
     for n, la in layers.items():
         assert torch.allclose(la.delta_weight().detach().double(), before[n], atol=1e-6)
+
+
+def test_max_delta_ratio_bounds_every_layer_against_its_base_norm():
+    """max_delta_ratio = c: after every step each layer's ‖ΔW‖₂ ≤ c·‖W0‖₂ (dense SVD check);
+    without it the same run goes past the bound; bad values are rejected before training."""
+    peaks = {}
+    for ratio in (None, 0.05):
+        task, model, opt, ctrl = make_setup(steps=40, lr=5e-2)
+        ctrl.retract = True
+        ctrl.max_delta_ratio = ratio
+        layers = adapter_layers(model)
+        base = {
+            n: float(torch.linalg.matrix_norm(la.base_weight.detach().double(), ord=2))
+            for n, la in layers.items()
+        }
+        peak = 0.0
+        for step in range(1, 21):
+            run_steps(task, model, opt, ctrl, step - 1, step)
+            for n, la in layers.items():
+                if la.rank:
+                    dw = torch.linalg.matrix_norm(la.delta_weight().detach().double(), ord=2)
+                    peak = max(peak, float(dw) / base[n])
+        peaks[ratio] = peak
+    assert peaks[0.05] <= 0.05 * (1 + 1e-5) and peaks[None] > 0.1, peaks
+    for bad in (0, -1.0, True):
+        with pytest.raises(ValueError, match="max_delta_ratio="):
+            RankController(adapter_layers(model), None, max_delta_ratio=bad)

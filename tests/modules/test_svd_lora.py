@@ -493,3 +493,25 @@ def test_align_tied_triplets_rotates_a_tie_onto_the_old_slots(seed):
     (turn_p, _), lam = align_tied_triplets(u, v, apart, lam_sign)
     assert ((turn_p.abs() == 1) | (turn_p == 0)).all()
     assert sorted(lam.abs().tolist()) == sorted(apart.tolist())
+
+
+def test_cap_delta_bounds_the_spectral_norm_and_keeps_directions(kind, seed):
+    """After retract_() the triplets are ΔW's singular triplets: cap_delta_(m) must leave
+    ‖ΔW‖₂ = m exactly (checked on the dense float64 ΔW), shrink only the triplets above m and
+    keep every direction; a non-positive bound is rejected."""
+    layer = SVDLoRALinear(make_base(kind), 4, scaling=2.0)
+    randomize(layer)
+    layer.retract_()
+    sv = torch.linalg.svdvals(delta64(layer))[:4]
+    m = float(sv[1] + sv[2]) / 2  # two triplets above, two below
+    P0, Q0, lam0 = (t.detach().clone() for t in (layer.lora_P, layer.lora_Q, layer.lora_lambda))
+    layer.cap_delta_(m)
+    after = torch.linalg.svdvals(delta64(layer))[:4]
+    torch.testing.assert_close(
+        after[:2], torch.full((2,), m, dtype=torch.float64), rtol=1e-6, atol=0
+    )
+    torch.testing.assert_close(after[2:], sv[2:], rtol=1e-6, atol=0)
+    assert torch.equal(layer.lora_P.detach(), P0) and torch.equal(layer.lora_Q.detach(), Q0)
+    assert torch.equal(torch.sign(layer.lora_lambda.detach()), torch.sign(lam0))
+    with pytest.raises(ValueError, match="max_sv=0"):
+        layer.cap_delta_(0)
