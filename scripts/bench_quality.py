@@ -54,6 +54,7 @@ from _bench_common import (  # noqa: E402
 from _bench_planted_peft import run_planted  # noqa: E402
 
 from adarank.allocation import BudgetSchedule, RankController, replace_parameter  # noqa: E402
+from adarank.allocation.controller import CONTROLLER_DEFAULTS  # noqa: E402
 from adarank.modules import add_adapters, count_parameters  # noqa: E402
 
 METHODS = ("adarank", "adarank-fixed", "lora", "adalora")
@@ -423,7 +424,6 @@ def _adarank_init_budget(args, start_live: int, lora_params: int) -> int:
 ADARANK_LEVERS = {
     "adarank_pq_lr_mult": 1.0,
     "adarank_lambda_wd": 0.0,
-    "adarank_retract": False,
     "adarank_max_delta_ratio": 0.0,
     "adarank_smooth_start": False,
     "adarank_relative_scaling": 0.0,
@@ -431,7 +431,7 @@ ADARANK_LEVERS = {
 
 
 #: records written before this setting existed ran with the value given here
-LEGACY_DEFAULTS = {"adarank_new_slot_moments": "zero"}
+LEGACY_DEFAULTS = {"adarank_new_slot_moments": "zero", "adarank_retract": False}
 
 
 def run_config(args, method: str) -> dict:
@@ -605,9 +605,10 @@ def parse_args(argv):
     )
     ap.add_argument(
         "--adarank-retract",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=CONTROLLER_DEFAULTS["retract"],
         help="after each optimizer step, re-orthonormalise P, Q exactly (QR + SVD of the core): "
-        "RankController(retract=True), the config's allocation.retract",
+        "RankController(retract=...), the config's allocation.retract (default: the library's)",
     )
     ap.add_argument(
         "--adarank-max-delta-ratio",

@@ -84,8 +84,10 @@ def test_sharded_fit_and_resume_match_a_single_process(tmp_path: Path) -> None:
     ta = load_file(sharded / "adapter" / "adapter.safetensors")
     tb = load_file(single / "adapter" / "adapter.safetensors")
     assert ta.keys() == tb.keys() and ta
+    # the retraction (on by default) turns rounding differences δ into δ / gap between close
+    # singular values: 1e-4 (measured ≈ 1e-4 on entries of O(1); 1e-7 without it)
     for name, tensor in tb.items():
-        assert torch.allclose(ta[name], tensor, atol=1e-5), name
+        assert torch.allclose(ta[name], tensor, atol=1e-4), name
     assert (sharded / "snapshots" / "step_0000006" / "adapter.safetensors").is_file()
     # the checkpoint is one adapter-only file (no frozen base weight in it)
     ckpt = torch.load(sharded / "checkpoints" / "last.ckpt", weights_only=True)

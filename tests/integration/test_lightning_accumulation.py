@@ -28,9 +28,9 @@ def _fit(monkeypatch, batch: int, accumulate: int, steps: int = 24):
     )
     calls: list[int] = []
 
-    def spy(self, global_step):
+    def spy(self, global_step, **kwargs):
         calls.append(global_step)
-        return _STEP(self, global_step)
+        return _STEP(self, global_step, **kwargs)
 
     monkeypatch.setattr(RankController, "step", spy)
     trainer = pl.Trainer(

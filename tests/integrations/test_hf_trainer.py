@@ -165,8 +165,8 @@ def _off_orthonormal(model) -> float:
 
 
 def test_retract_keeps_the_factors_orthonormal_under_the_trainer(make_run, tmp_path):
-    """retract=True: orthonormal P, Q after training; off (the default), Adam drifts them."""
-    trainer, cb, _ = make_run(tmp_path / "run", cb={"retract": True})
+    """retract (the default): orthonormal P, Q after training; off, Adam drifts them."""
+    trainer, cb, _ = make_run(tmp_path / "run")
     assert cb.controller.retract is True and cb.history
     assert _off_orthonormal(trainer.model) < 1e-5
     trainer, cb, _ = make_run(tmp_path / "off", cb={"retract": False})
