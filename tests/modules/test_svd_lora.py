@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adarank.modules.svd_lora import SVDLoRALinear, align_tied_triplets
+from adarank.modules.retraction import align_tied_triplets
+from adarank.modules.svd_lora import SVDLoRALinear
 
 D_IN, D_OUT = 12, 10
 
