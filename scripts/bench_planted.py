@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from adarank.allocation.controller import CONTROLLER_DEFAULTS
 from adarank.models.planted import build_planted_task, parse_int_list
 from adarank.models.planted_fit import fit_planted
 from adarank.runs_io import dumps_strict
@@ -57,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--scorer", default="energy", choices=["energy", "sensitivity", "magnitude"])
     ap.add_argument("--no-grow", action="store_true", help="prune-only ablation")
+    ap.add_argument(
+        "--denoise-growth",
+        action=argparse.BooleanOptionalAction,
+        default=CONTROLLER_DEFAULTS["denoise_growth"],
+        help="growth candidates scored above the batch-noise floor (default: the library's)",
+    )
     ap.add_argument("--orth-reg", type=float, default=0.1, help="orthogonality regulariser gamma")
     ap.add_argument("--json", default=None, help="write the runs as JSON here")
     ap.add_argument("--smoke", action="store_true", help="tiny, fast configuration (CI)")
@@ -79,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 scorer=args.scorer,
                 grow=not args.no_grow,
                 orth_reg=args.orth_reg,
+                denoise_growth=args.denoise_growth,
                 seed=seed,
             )
             row = {k: res[k] for k in KEYS}

@@ -172,6 +172,8 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
                 schedule,
                 scorer=args.adarank_scorer,
                 retract=args.adarank_retract,
+                denoise_growth=args.adarank_denoise_growth,
+                grow=args.adarank_grow,
                 max_delta_ratio=args.adarank_max_delta_ratio or None,
                 seed=seed,
             )
@@ -427,11 +429,16 @@ ADARANK_LEVERS = {
     "adarank_max_delta_ratio": 0.0,
     "adarank_smooth_start": False,
     "adarank_relative_scaling": 0.0,
+    "adarank_grow": True,
 }
 
 
 #: records written before this setting existed ran with the value given here
-LEGACY_DEFAULTS = {"adarank_new_slot_moments": "zero", "adarank_retract": False}
+LEGACY_DEFAULTS = {
+    "adarank_new_slot_moments": "zero",
+    "adarank_retract": False,
+    "adarank_denoise_growth": False,
+}
 
 
 def run_config(args, method: str) -> dict:
@@ -609,6 +616,19 @@ def parse_args(argv):
         default=CONTROLLER_DEFAULTS["retract"],
         help="after each optimizer step, re-orthonormalise P, Q exactly (QR + SVD of the core): "
         "RankController(retract=...), the config's allocation.retract (default: the library's)",
+    )
+    ap.add_argument(
+        "--adarank-denoise-growth",
+        action=argparse.BooleanOptionalAction,
+        default=CONTROLLER_DEFAULTS["denoise_growth"],
+        help="score growth candidates by σ² − ν² (ν: the batch's gradient-noise floor) and drop "
+        "those under it: RankController(denoise_growth=...) (default: the library's)",
+    )
+    ap.add_argument(
+        "--adarank-grow",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="growth candidates on (RankController(grow=...)); --no-adarank-grow: prune only",
     )
     ap.add_argument(
         "--adarank-max-delta-ratio",

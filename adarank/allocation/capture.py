@@ -38,7 +38,14 @@ from torch import nn
 
 from adarank.modules.base_layers import in_backward_pass
 
-__all__ = ["CAPTURE_MAX_TOKENS", "CaptureSet", "LayerCapture", "install_capture", "installed"]
+__all__ = [
+    "CAPTURE_MAX_TOKENS",
+    "CaptureSet",
+    "LayerCapture",
+    "install_capture",
+    "installed",
+    "sample_signs",
+]
 
 #: default cap on the tokens of one forward that enter the captured gradient (None: all)
 CAPTURE_MAX_TOKENS = 1024
@@ -206,6 +213,8 @@ class LayerCapture:
         self.captured_x: list[torch.Tensor] = []  # sampled input rows, each (n_i, d_in)
         self.captured_tokens = 0  # tokens seen (before subsampling)
         self.captured_sketch: tuple[torch.Tensor, torch.Tensor] | None = None  # (Y, W)
+        # (Y, W) of the sign-flipped gradient Σ ε δ xᵀ (see sample_signs): the noise reference
+        self.captured_noise_sketch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.sketch: tuple[torch.Tensor, torch.Tensor] | None = None  # test matrices (Ω', Ψ')
         self._deferred_captures = 0  # no-grad forwards whose capture waits for a recomputation
 
@@ -217,7 +226,12 @@ class LayerCapture:
 
     def memory_bytes(self) -> int:
         """Bytes held by the captured gradient, sketches and input rows."""
-        parts = [self.captured_grad, *self.captured_x, *(self.captured_sketch or ())]
+        parts = [
+            self.captured_grad,
+            *self.captured_x,
+            *(self.captured_sketch or ()),
+            *(self.captured_noise_sketch or ()),
+        ]
         return sum(t.nbytes for t in parts if t is not None)
 
     def _on_output(self, layer: nn.Module, args, kwargs, out: torch.Tensor):
@@ -252,6 +266,9 @@ class LayerCapture:
             idx = torch.arange(0, n, -(-n // cap), device=xs.device)  # evenly strided tokens
             xs = xs[idx]
         scale = n / xs.shape[0]
+        signs = None
+        if self.sketch is not None:
+            signs = sample_signs(x, idx)
         with torch.no_grad():
             self.captured_x.append(xs)
             self.captured_tokens += n
@@ -266,17 +283,40 @@ class LayerCapture:
             g2 = g2.float() * scale if scale != 1.0 else g2.float()
             if self.sketch is not None:
                 omega, psi = self.sketch
-                y = g2.T @ (xs @ omega)  # (d_out, l) = G·omega
-                w = (g2 @ psi.T).T @ xs  # (l, d_in) = psi·G
+                xo, gp = xs @ omega, g2 @ psi.T
+                y = g2.T @ xo  # (d_out, l) = G·omega
+                w = gp.T @ xs  # (l, d_in) = psi·G
+                # the same sketches of Σ ε δ xᵀ, ε = ±1 alternating per sample: the mean gradient
+                # cancels, the sampling noise stays (the noise floor of growth, growth.py)
+                yn = (g2 * signs).T @ xo
+                wn = (gp * signs).T @ xs
                 if self.captured_sketch is not None:
                     y, w = y + self.captured_sketch[0], w + self.captured_sketch[1]
+                    yn, wn = yn + self.captured_noise_sketch[0], wn + self.captured_noise_sketch[1]
                 self.captured_sketch = (y, w)
+                self.captured_noise_sketch = (yn, wn)
                 return
             g = g2.T @ xs  # (d_out, d_in)
             self.captured_grad = g if self.captured_grad is None else self.captured_grad + g
 
         out.register_hook(hook)
         return out
+
+
+def sample_signs(x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """``(n, 1)`` float signs ε = +1, −1, +1, … alternating per **sample** of ``x``'s tokens.
+
+    A sample is an index of ``x``'s first dimension when ``x`` has three or more dimensions
+    (batch, sequence, features), else a row. ``Σ ε_t δ_t x_tᵀ`` has mean zero (the samples'
+    common mean gradient cancels) and, for independent samples, the same covariance as the
+    gradient's sampling noise. Alternating by position keeps the signs the same whether a batch
+    is split into micro-batches or processes, as long as each part holds an even number of samples.
+    ``idx``: the subsampled token positions (the capture's ``max_tokens`` striding).
+    """
+    n = x.numel() // x.shape[-1]
+    per_sample = n // x.shape[0] if x.dim() >= 3 and x.shape[0] else 1
+    pos = torch.arange(n, device=x.device) if idx is None else idx
+    return (1.0 - 2.0 * ((pos // per_sample) % 2).float()).unsqueeze(1)
 
 
 class CaptureSet(dict):

@@ -50,6 +50,7 @@ CONTROLLER_DEFAULTS = {
     "grow": True,
     "orth_reg": 0.0,
     "retract": True,
+    "denoise_growth": False,
 }
 
 STATE_VERSION = 1
@@ -113,6 +114,11 @@ class RankController:
             on one scale. Exact where the penalty is approximate, and free of its gradient.
             On by default: on MiniLM it removed a collapse of one seed in three at r = 8 and
             tied elsewhere (docs/bench_quality.md); ``False`` restores plain Adam factors.
+        denoise_growth: score growth candidates by what of their gradient stands above the
+            minibatch noise: ``σ² − ν²`` instead of ``σ²`` (ν: the top singular value of the
+            sign-flipped gradient of the same batch, :mod:`adarank.allocation.growth`), and
+            propose none that does not stand above it. Without it a noise direction is scored
+            as if it were signal and displaces live triplets (docs/theory.md, "Noise floor").
         max_delta_ratio: bound every layer's ‖ΔW‖₂ by this multiple of its base weight's
             ‖W0‖₂ (:meth:`SVDLoRALinear.cap_delta_` after each step, after the retraction;
             exact with ``retract=True``, per triplet without). ``None`` (the default) leaves ΔW
@@ -136,6 +142,7 @@ class RankController:
         protect_rounds: int = 1,
         orth_reg: float = CONTROLLER_DEFAULTS["orth_reg"],
         retract: bool = CONTROLLER_DEFAULTS["retract"],
+        denoise_growth: bool = CONTROLLER_DEFAULTS["denoise_growth"],
         max_delta_ratio: float | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         seed: int = 0,
@@ -159,6 +166,9 @@ class RankController:
         if not isinstance(retract, bool):
             raise TypeError(f"retract={retract!r}: expected True or False")
         self.retract = retract
+        if not isinstance(denoise_growth, bool):
+            raise TypeError(f"denoise_growth={denoise_growth!r}: expected True or False")
+        self.denoise_growth = denoise_growth
         if max_delta_ratio is not None and (
             isinstance(max_delta_ratio, bool) or not float(max_delta_ratio) > 0
         ):
@@ -323,15 +333,18 @@ class RankController:
 
     def _consume_sketch(self, name, cap, dist) -> None:
         if cap.captured_sketch is not None and cap.captured_tokens:
-            y, w = cap.captured_sketch
+            parts = [*cap.captured_sketch, *cap.captured_noise_sketch]
             if dist is not None:
-                yw = torch.cat([y.flatten(), w.flatten()])
-                dist.all_reduce(yw)
-                yw /= dist.get_world_size()  # DDP averages gradients across processes
-                y, w = yw[: y.numel()].view_as(y), yw[y.numel() :].view_as(w)
+                flat = torch.cat([t.flatten() for t in parts])
+                dist.all_reduce(flat)
+                flat /= dist.get_world_size()  # DDP averages gradients across processes
+                parts = [
+                    c.view_as(t) for c, t in zip(flat.split([t.numel() for t in parts]), parts)
+                ]
+            y, w, yn, wn = (t.detach().cpu() for t in parts)
             psi = cap.sketch[1]
             samples = cap.captured_inputs().detach().cpu()
-            self._captured[name] = (y.detach().cpu(), w.detach().cpu(), psi.cpu(), samples)
+            self._captured[name] = (y, w, psi.cpu(), samples, (yn, wn))
         cap.capture_gradient(False)
 
     # ------------------------------------------------------------------ step
@@ -385,12 +398,16 @@ class RankController:
             cand = None
             room = self.max_rank[name] - layer.rank
             if name in self._captured and room > 0 and sched.allows_growth(step):
-                y, w, psi, samples = self._captured[name]
+                y, w, psi, samples, noise = self._captured[name]
                 k = min(self.candidates_per_layer, room)
-                cand = candidates_from_sketch(y, w, psi, layer.lora_P, layer.lora_Q, k)
+                cand = candidates_from_sketch(
+                    y, w, psi, layer.lora_P, layer.lora_Q, k, noise if self.denoise_growth else None
+                )
+                if self.denoise_growth:
+                    cand = cand.keep(cand.signal > 0)
                 cand.energy_in = self._mean_input_energy(samples, cand.q_rows)
                 cands[name] = cand
-                cs = self.scorer.candidate_scores(cand.sigma, cand.energy_in).cpu()
+                cs = self.scorer.candidate_scores(cand.signal, cand.energy_in).cpu()
                 live = torch.cat([live, cs])
                 protected = torch.cat([protected, torch.zeros(cand.k, dtype=torch.bool)])
             scores[name] = live
@@ -467,7 +484,7 @@ class RankController:
         if n_new:
             layer.grow(cand.p_cols[:, new_idx].float(), cand.q_rows[new_idx].float())
             new_state = self.scorer.new_slot_state(
-                cand.sigma[new_idx].cpu(), cand.energy_in[new_idx].cpu(), layer.scaling
+                cand.signal[new_idx].cpu(), cand.energy_in[new_idx].cpu(), layer.scaling
             )
         self.capture[name].remap(keep, n_new)
         if self.optimizer is not None:

@@ -42,10 +42,26 @@ class Candidates:
     q_rows: torch.Tensor  # (k, d_in) unit rows, ⟂ span(Qᵀ)
     sigma: torch.Tensor  # (k,) uᵀ G v ≥ 0
     energy_in: torch.Tensor  # (k,) vᵀ C v (mean input energy along v)
+    noise: float = 0.0  # ν: top singular value of the sampling noise of G⊥ (0: not measured)
 
     @property
     def k(self) -> int:
         return int(self.sigma.numel())
+
+    @property
+    def signal(self) -> torch.Tensor:
+        """``sqrt(max(σ² − ν², 0))``: what of σ stands above the noise floor ν."""
+        return (self.sigma.double() ** 2 - float(self.noise) ** 2).clamp_min(0).sqrt()
+
+    def keep(self, mask: torch.Tensor) -> Candidates:
+        """The candidates where ``mask`` is true (same noise floor)."""
+        return Candidates(
+            self.p_cols[:, mask],
+            self.q_rows[mask],
+            self.sigma[mask],
+            self.energy_in[mask],
+            self.noise,
+        )
 
 
 def _orth_basis(m: torch.Tensor) -> torch.Tensor:
@@ -179,6 +195,7 @@ def candidates_from_sketch(
     P: torch.Tensor,
     Q: torch.Tensor,
     k: int,
+    noise_sketch: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Candidates:
     """Top-k directions of G⊥ from the sketches ``Y = G Ω'`` (d_out, l1), ``W = Ψ' G`` (l2, d_in).
 
@@ -187,26 +204,45 @@ def candidates_from_sketch(
         psi: the co-range test matrix Ψ' used for ``w``.
         P, Q: the live factors now (candidates are re-projected off them and normalised).
         k: candidates wanted.
+        noise_sketch: the same sketches of the sign-flipped gradient ``Σ ε δ xᵀ``
+            (:func:`~adarank.allocation.capture.sample_signs`); its top singular value, through
+            the same reconstruction, is the candidates' noise floor ``noise`` (module docstring).
     """
     y, w, psi = y.double().cpu(), w.double().cpu(), psi.double().cpu()
     d_out, d_in = y.shape[0], w.shape[1]
     empty = Candidates(y.new_zeros(d_out, 0), y.new_zeros(0, d_in), y.new_zeros(0), y.new_zeros(0))
     up = _orth_basis(P.detach().double().cpu())
     vq = _orth_basis(Q.detach().double().cpu().T)
+    if k <= 0:
+        return empty
+    rec = _reconstruct(y, w, psi, up, vq)
+    if rec is None:
+        return empty
+    qy, core = rec
+    u_s, s, vh = torch.linalg.svd(core, full_matrices=False)
+    k = min(k, int(s.numel()))
+    cand = _finish(qy @ u_s[:, :k], s[:k], vh[:k].T, up, vq)
+    if noise_sketch is not None:
+        rec = _reconstruct(
+            noise_sketch[0].double().cpu(), noise_sketch[1].double().cpu(), psi, up, vq
+        )
+        cand.noise = float(torch.linalg.svdvals(rec[1])[0]) if rec is not None else 0.0
+    return cand
+
+
+def _reconstruct(y, w, psi, up, vq) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(Q_Y, core)`` with ``G⊥ ≈ Q_Y · core`` from the sketches; None if they hold nothing."""
     y = _project_off(y, up, "left")
     w = _project_off(w, vq, "right")
-    if k <= 0 or not bool(torch.isfinite(y).all() and torch.isfinite(w).all()):
-        return empty
+    if not bool(torch.isfinite(y).all() and torch.isfinite(w).all()):
+        return None
     # range basis of the sketch, dropping directions at round-off level: they carry no
     # gradient and would make the co-range solve ill-conditioned (process-layout dependent)
     uy, sy, _ = torch.linalg.svd(y, full_matrices=False)
     qy = uy[:, sy > 1e-6 * float(sy.max())] if sy.numel() and float(sy.max()) > 0 else uy[:, :0]
     if qy.shape[1] == 0:
-        return empty
+        return None
     qa, ra = torch.linalg.qr(psi @ qy)  # least squares (Ψ' Q_Y) core = W via QR (deterministic)
     if bool((torch.diagonal(ra).abs() < 1e-12 * ra.abs().max().clamp_min(1e-300)).any()):
-        return empty
-    core = torch.linalg.solve_triangular(ra, qa.T @ w, upper=True)  # (l1, d_in): G⊥ ≈ qy · core
-    u_s, s, vh = torch.linalg.svd(core, full_matrices=False)
-    k = min(k, int(s.numel()))
-    return _finish(qy @ u_s[:, :k], s[:k], vh[:k].T, up, vq)
+        return None
+    return qy, torch.linalg.solve_triangular(ra, qa.T @ w, upper=True)  # (l1, d_in)

@@ -112,6 +112,8 @@ class AllocationConfig:
     grow: bool = _key(CD["grow"], "grow")  # grow new triplets (else prune only)
     orth_reg: float = _key(CD["orth_reg"], "orth_reg")  # γ of the orthogonality regulariser
     retract: bool = _key(CD["retract"], "retract")  # exact re-orthonormalisation of P, Q each step
+    # growth candidates scored above the batch's gradient-noise floor (docs/theory.md)
+    denoise_growth: bool = _key(CD["denoise_growth"], "denoise_growth")
 
 
 @dataclass

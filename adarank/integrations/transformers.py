@@ -126,6 +126,7 @@ class AdaRankCallback(TrainerCallback):
         scorer: importance score (``"energy"``, ``"sensitivity"``, ``"magnitude"``).
         grow: allow growing new triplets (else prune only).
         retract: re-orthonormalise P and Q exactly after every optimizer step, keeping ΔW.
+        denoise_growth: score growth candidates by what stands above the batch's gradient noise.
         seed: seed of the growth sketches (None: ``args.seed``).
         log_ranks: log ``rank/<module>`` and ``budget/*`` at every allocation.
 
@@ -153,6 +154,7 @@ class AdaRankCallback(TrainerCallback):
         scorer: str = CONTROLLER_DEFAULTS["scorer"],
         grow: bool = CONTROLLER_DEFAULTS["grow"],
         retract: bool = CONTROLLER_DEFAULTS["retract"],
+        denoise_growth: bool = CONTROLLER_DEFAULTS["denoise_growth"],
         seed: int | None = None,
         log_ranks: bool = True,
     ) -> None:
@@ -190,6 +192,7 @@ class AdaRankCallback(TrainerCallback):
             "max_rank": max_rank,
             "grow": grow,
             "retract": retract,
+            "denoise_growth": denoise_growth,
         }
         # everything but the run's length (known at train()) is checked now
         probe = RankController(adapter_layers(model), None, **self.controller_options)

@@ -116,6 +116,8 @@ class AdaRankModule(pl.LightningModule):
         orth_reg: γ of the orthogonality regulariser (0 disables it).
         retract: re-orthonormalise P and Q exactly after every optimizer step, keeping ΔW
             (``RankController(retract=...)``; with allocation on).
+        denoise_growth: score growth candidates by what stands above the batch's gradient noise
+            (``RankController(denoise_growth=...)``, docs/theory.md).
         lr: learning rate of the adapters (default 3e-3, for ``add_adapters``' default
             scaling 16; defaults of the optimizer options: :data:`OPTIMIZER_DEFAULTS`, of the
             schedule: ``SCHEDULE_DEFAULTS``, of the allocation: ``CONTROLLER_DEFAULTS``).
@@ -170,6 +172,7 @@ class AdaRankModule(pl.LightningModule):
         grow: bool = CONTROLLER_DEFAULTS["grow"],
         orth_reg: float = CONTROLLER_DEFAULTS["orth_reg"],
         retract: bool = CONTROLLER_DEFAULTS["retract"],
+        denoise_growth: bool = CONTROLLER_DEFAULTS["denoise_growth"],
         lr: float = OPTIMIZER_DEFAULTS["lr"],
         head_lr: float | None = OPTIMIZER_DEFAULTS["head_lr"],
         weight_decay: float = OPTIMIZER_DEFAULTS["weight_decay"],
@@ -215,6 +218,8 @@ class AdaRankModule(pl.LightningModule):
             raise ValueError(f"orth_reg={orth_reg} must be >= 0")
         if not isinstance(retract, bool):
             raise TypeError(f"retract={retract!r}: expected True or False")
+        if not isinstance(denoise_growth, bool):
+            raise TypeError(f"denoise_growth={denoise_growth!r}: expected True or False")
         if total_steps is not None and (isinstance(total_steps, bool) or int(total_steps) < 1):
             raise ValueError(f"total_steps={total_steps!r} must be a positive int or None")
         self.guard = NonFiniteGuard(nonfinite, max_skipped_steps)
@@ -321,6 +326,7 @@ class AdaRankModule(pl.LightningModule):
                 grow=hp.grow,
                 orth_reg=hp.orth_reg,
                 retract=hp.retract,
+                denoise_growth=hp.denoise_growth,
             )
             self.controller.attach_optimizer(optimizer)
             if self._pending_controller_state is not None:

@@ -41,6 +41,7 @@ def fit_planted(
     scorer: str = CONTROLLER_DEFAULTS["scorer"],
     grow: bool = True,
     orth_reg: float = 0.1,
+    denoise_growth: bool = CONTROLLER_DEFAULTS["denoise_growth"],
     seed: int = 0,
 ) -> dict:
     """Train on ``task`` and report held-out error, ranks and parameter counts.
@@ -53,7 +54,7 @@ def fit_planted(
         steps, batch_size, lr: Adam training loop settings (lr decays linearly to 0).
         init_rank: adaptive start rank; default: uniform rank of 1.5 × budget.
         interval, warmup_frac, final_frac: schedule settings.
-        scorer, grow, orth_reg: controller settings.
+        scorer, grow, orth_reg, denoise_growth: controller settings.
         seed: seed of the adapter init and batch order.
     """
     if method not in ("adaptive", "uniform"):
@@ -76,7 +77,14 @@ def fit_planted(
             budget, steps, warmup_frac=warmup_frac, final_frac=final_frac, interval=interval
         )
         controller = RankController(
-            layers, schedule, scorer=scorer, grow=grow, orth_reg=orth_reg, optimizer=opt, seed=seed
+            layers,
+            schedule,
+            scorer=scorer,
+            grow=grow,
+            orth_reg=orth_reg,
+            denoise_growth=denoise_growth,
+            optimizer=opt,
+            seed=seed,
         )
     gen = torch.Generator().manual_seed(seed)
     n = len(task.x_train)

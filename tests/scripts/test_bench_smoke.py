@@ -432,3 +432,20 @@ def test_quality_first_seed_runs_only_the_later_seeds(tmp_path, capsys):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
         assert match in capsys.readouterr().err
+
+
+def test_diag_growth_noise_smoke(tmp_path):
+    """The growth-noise diagnostic runs end to end and reports positive, finite top singular
+    values for every adapted layer of the tiny model."""
+    diag_growth_noise = _load("diag_growth_noise")
+
+    out = tmp_path / "diag.json"
+    assert diag_growth_noise.main(["--smoke", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["batch_size"] == 8 and rec["steps"] == 5 and len(rec["layers"]) == 12
+    for row in rec["layers"]:
+        for key in ("batch", "noise", "mean"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["layer"], key)
+    assert rec["noise_over_batch"]["min"] <= rec["noise_over_batch"]["median"]
+    with pytest.raises(SystemExit):
+        diag_growth_noise.main(["--smoke", "--batch-size", "7"])
