@@ -95,7 +95,9 @@ def _adapt(args, model, method: str, r: int, seed: int, lora_params: int | None 
     if method == "adarank":
         layers = add_adapters(model, LLAMA_TARGETS, args.init_rank, scaling=16.0, seed=seed)
         schedule = schedule_for(lora_params, args.steps, {})  # the shipped schedule defaults
-        ctrl = RankController(layers, schedule, seed=seed, retract=_retract(args))
+        ctrl = RankController(
+            layers, schedule, seed=seed, retract=_retract(args), denoise_growth=_denoise(args)
+        )
         return model, ctrl, None
     if method == "lora":
         cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=LLAMA_TARGETS, lora_dropout=0.0)
@@ -235,14 +237,31 @@ def _retract(args) -> bool:
     return CONTROLLER_DEFAULTS["retract"] if flag is None else flag == "true"
 
 
+def _denoise(args) -> bool:
+    """adarank's noise floor for growth candidates: the flag, else the library default."""
+    from adarank.allocation.controller import CONTROLLER_DEFAULTS
+
+    flag = getattr(args, "adarank_denoise_growth", None)
+    return CONTROLLER_DEFAULTS["denoise_growth"] if flag is None else flag == "true"
+
+
 def _settings(args, method: str) -> dict:
-    """The method's own settings that a record carries (adarank: whether it retracts)."""
-    return {"adarank_retract": _retract(args)} if method == "adarank" else {}
+    """The method's own settings that a record carries (adarank: whether it retracts, and
+    ``adarank_denoise_growth`` only when on: older records ran without it)."""
+    if method != "adarank":
+        return {}
+    return {"adarank_retract": _retract(args)} | (
+        {"adarank_denoise_growth": True} if _denoise(args) else {}
+    )
 
 
 def _variant(rec: dict) -> str:
-    """The method with its adarank settings: 'adarank+retract' for a retracted run."""
-    return rec["method"] + ("+retract" if rec.get("adarank_retract") else "")
+    """The method with its adarank settings: 'adarank+retract(+denoise)'."""
+    return (
+        rec["method"]
+        + ("+retract" if rec.get("adarank_retract") else "")
+        + ("+denoise" if rec.get("adarank_denoise_growth") else "")
+    )
 
 
 def _ranks_by_type(ranks: dict[str, int]) -> dict[str, float]:
@@ -425,6 +444,13 @@ def parse_args(argv):
         default=None,
         help="adarank's exact re-orthonormalisation of P, Q after each step (default: the "
         "library's, RankController(retract=...))",
+    )
+    ap.add_argument(
+        "--adarank-denoise-growth",
+        choices=("true", "false"),
+        default=None,
+        help="adarank's growth candidates scored above the batch's gradient-noise floor "
+        "(default: the library's, RankController(denoise_growth=...))",
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-base-eval", dest="base_eval", action="store_false")
