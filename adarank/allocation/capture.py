@@ -310,7 +310,8 @@ def sample_signs(x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tens
     (batch, sequence, features), else a row. ``Σ ε_t δ_t x_tᵀ`` has mean zero (the samples'
     common mean gradient cancels) and, for independent samples, the same covariance as the
     gradient's sampling noise. Alternating by position keeps the signs the same whether a batch
-    is split into micro-batches or processes, as long as each part holds an even number of samples.
+    is processed at once or as contiguous micro-batches of an even number of samples (not across
+    DDP processes, whose sampler interleaves the samples).
     ``idx``: the subsampled token positions (the capture's ``max_tokens`` striding).
     """
     n = x.numel() // x.shape[-1]

@@ -50,7 +50,7 @@ CONTROLLER_DEFAULTS = {
     "grow": True,
     "orth_reg": 0.0,
     "retract": True,
-    "denoise_growth": False,
+    "denoise_growth": True,
 }
 
 STATE_VERSION = 1
@@ -118,7 +118,8 @@ class RankController:
             minibatch noise: ``σ² − ν²`` instead of ``σ²`` (ν: the top singular value of the
             sign-flipped gradient of the same batch, :mod:`adarank.allocation.growth`), and
             propose none that does not stand above it. Without it a noise direction is scored
-            as if it were signal and displaces live triplets (docs/theory.md, "Noise floor").
+            as if it were signal and displaces live triplets (docs/theory.md, "The noise floor
+            of candidates"). On by default; ``False`` restores the plain rule.
         max_delta_ratio: bound every layer's ‖ΔW‖₂ by this multiple of its base weight's
             ‖W0‖₂ (:meth:`SVDLoRALinear.cap_delta_` after each step, after the retraction;
             exact with ``retract=True``, per triplet without). ``None`` (the default) leaves ΔW

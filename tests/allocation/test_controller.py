@@ -181,9 +181,15 @@ def test_gradient_accumulation_matches_large_batch(retract):
     for name in c1.layers:
         s1 = c1.scorer.scores(name, c1.layers[name])
         s4 = c4.scorer.scores(name, c4.layers[name])
-        assert torch.allclose(s1, s4, rtol=1e-3, atol=1e-9)
+        # 3e-3: a grown triplet's score starts from σ² − ν² (the noise floor, on by default), a
+        # difference of two close numbers that magnifies the rounding of the two summations
+        assert torch.allclose(s1, s4, rtol=3e-3, atol=1e-9)
+    # with the retraction, the rank-6 layer's near-tied singular values turn rounding into factor
+    # differences (measured: 1.3e-4 with the plain growth rule, 6.4e-4 with the noise floor,
+    # whose σ² − ν² enters the grown triplets' state); the decisions above are identical
+    atol = 1e-3 if retract else 1e-4
     for (n, a), (_, b) in zip(m1.state_dict().items(), m4.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=n)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=atol, msg=n)
 
 
 def test_retraction_is_bit_for_bit_repeatable():

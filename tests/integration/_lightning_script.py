@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--shuffle", action="store_true")
     ap.add_argument("--kill-at", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--plain-growth", action="store_true", help="denoise_growth=False")
     args = ap.parse_args()
     out = Path(args.out)
     torch.use_deterministic_algorithms(True)
@@ -110,6 +111,7 @@ def main() -> None:
         # allocation that float summation order (2×4 vs 8 samples) flips; the test checks DDP
         # mechanics (sync after re-wraps, identical decisions), not tie-breaking under round-off
         orth_reg=0.0,
+        **({"denoise_growth": False} if args.plain_growth else {}),
     )
     ckpt_dir = out / "ckpt"
     start = StartStep()

@@ -49,7 +49,11 @@ def test_bench_sft_smoke_records_every_method_at_the_budget(tmp_path, capsys):
     assert len(bench.read_jsonl(jsonl)) == 3
     from adarank.allocation.controller import CONTROLLER_DEFAULTS
 
-    shipped = "adarank+retract" if CONTROLLER_DEFAULTS["retract"] else "adarank"
+    shipped = (
+        "adarank"
+        + ("+retract" if CONTROLLER_DEFAULTS["retract"] else "")
+        + ("+denoise" if CONTROLLER_DEFAULTS["denoise_growth"] else "")
+    )
     assert f"| {shipped} | 2 |" in capsys.readouterr().out
     # the retraction is a variant of its own: a new record, factors orthonormal at the end
     other = "false" if CONTROLLER_DEFAULTS["retract"] else "true"
@@ -59,5 +63,9 @@ def test_bench_sft_smoke_records_every_method_at_the_budget(tmp_path, capsys):
     assert len(records) == 4
     flags = [r["adarank_retract"] for r in records if r["method"] == "adarank"]
     assert sorted(flags) == [False, True]
-    label = "adarank+retract" if other == "true" else "adarank"
+    label = (
+        "adarank"
+        + ("+retract" if other == "true" else "")
+        + ("+denoise" if CONTROLLER_DEFAULTS["denoise_growth"] else "")
+    )
     assert f"| {label} | 2 |" in capsys.readouterr().out  # this invocation's run, by variant
