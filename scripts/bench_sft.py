@@ -96,7 +96,11 @@ def _adapt(args, model, method: str, r: int, seed: int, lora_params: int | None 
         layers = add_adapters(model, LLAMA_TARGETS, args.init_rank, scaling=16.0, seed=seed)
         schedule = schedule_for(lora_params, args.steps, {})  # the shipped schedule defaults
         ctrl = RankController(
-            layers, schedule, seed=seed, retract=_retract(args), denoise_growth=_denoise(args)
+            layers,
+            schedule,
+            seed=seed,
+            retract=_flag(args, "retract"),
+            denoise_growth=_flag(args, "denoise_growth"),
         )
         return model, ctrl, None
     if method == "lora":
@@ -229,20 +233,13 @@ def run_one(args, method: str, r: int, lr: float, seed: int) -> dict:
     }
 
 
-def _retract(args) -> bool:
-    """adarank's retraction: the flag, else the library default (what ships)."""
+def _flag(args, key: str) -> bool:
+    """adarank's controller option ``key`` (``retract``, ``denoise_growth``): the
+    ``--adarank-<key>`` flag, else the library default (what ships)."""
     from adarank.allocation.controller import CONTROLLER_DEFAULTS
 
-    flag = getattr(args, "adarank_retract", None)
-    return CONTROLLER_DEFAULTS["retract"] if flag is None else flag == "true"
-
-
-def _denoise(args) -> bool:
-    """adarank's noise floor for growth candidates: the flag, else the library default."""
-    from adarank.allocation.controller import CONTROLLER_DEFAULTS
-
-    flag = getattr(args, "adarank_denoise_growth", None)
-    return CONTROLLER_DEFAULTS["denoise_growth"] if flag is None else flag == "true"
+    flag = getattr(args, f"adarank_{key}", None)
+    return CONTROLLER_DEFAULTS[key] if flag is None else flag == "true"
 
 
 def _settings(args, method: str) -> dict:
@@ -250,8 +247,8 @@ def _settings(args, method: str) -> dict:
     ``adarank_denoise_growth`` only when on: older records ran without it)."""
     if method != "adarank":
         return {}
-    return {"adarank_retract": _retract(args)} | (
-        {"adarank_denoise_growth": True} if _denoise(args) else {}
+    return {"adarank_retract": _flag(args, "retract")} | (
+        {"adarank_denoise_growth": True} if _flag(args, "denoise_growth") else {}
     )
 
 

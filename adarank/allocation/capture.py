@@ -175,6 +175,7 @@ class LayerCapture:
         self,
         enabled: bool,
         sketch: tuple[torch.Tensor, torch.Tensor] | None = None,
+        noise: bool = False,
     ) -> None:
         """Start/stop capturing the full-weight gradient ``G = Σ δ xᵀ`` and sampled inputs.
 
@@ -184,6 +185,8 @@ class LayerCapture:
                 single-pass sketches ``Y = G·omega`` (d_out, l) and ``W = psi·G`` (l, d_in) are
                 accumulated (``captured_sketch``) instead of the d_out × d_in matrix: the cost
                 per token is O((d_in + d_out)·l) instead of O(d_in·d_out) (Tropp et al. 2017).
+            noise: with ``sketch``, also accumulate the same sketches of the sign-flipped
+                gradient ``Σ ε δ xᵀ`` (``captured_noise_sketch``, see :func:`sample_signs`).
         """
         if enabled and self.removed:
             raise RuntimeError("this capture was removed; install a new one")
@@ -198,6 +201,7 @@ class LayerCapture:
                 )
             dev = self.layer.base_weight.device
             self.sketch = (omega.float().to(dev), psi.float().to(dev))
+            self._noise = bool(noise)
         if self._capture and self._grad_handle is None:
             self._grad_handle = self.layer.register_forward_hook(self._on_output, with_kwargs=True)
         elif not self._capture:
@@ -216,6 +220,7 @@ class LayerCapture:
         # (Y, W) of the sign-flipped gradient Σ ε δ xᵀ (see sample_signs): the noise reference
         self.captured_noise_sketch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.sketch: tuple[torch.Tensor, torch.Tensor] | None = None  # test matrices (Ω', Ψ')
+        self._noise = False  # whether the sketch capture also keeps captured_noise_sketch
         self._deferred_captures = 0  # no-grad forwards whose capture waits for a recomputation
 
     def captured_inputs(self) -> torch.Tensor:
@@ -266,9 +271,7 @@ class LayerCapture:
             idx = torch.arange(0, n, -(-n // cap), device=xs.device)  # evenly strided tokens
             xs = xs[idx]
         scale = n / xs.shape[0]
-        signs = None
-        if self.sketch is not None:
-            signs = sample_signs(x, idx)
+        signs = sample_signs(x, idx) if self.sketch is not None and self._noise else None
         with torch.no_grad():
             self.captured_x.append(xs)
             self.captured_tokens += n
@@ -286,15 +289,17 @@ class LayerCapture:
                 xo, gp = xs @ omega, g2 @ psi.T
                 y = g2.T @ xo  # (d_out, l) = G·omega
                 w = gp.T @ xs  # (l, d_in) = psi·G
-                # the same sketches of Σ ε δ xᵀ, ε = ±1 alternating per sample: the mean gradient
-                # cancels, the sampling noise stays (the noise floor of growth, growth.py)
-                yn = (g2 * signs).T @ xo
-                wn = (gp * signs).T @ xs
                 if self.captured_sketch is not None:
                     y, w = y + self.captured_sketch[0], w + self.captured_sketch[1]
-                    yn, wn = yn + self.captured_noise_sketch[0], wn + self.captured_noise_sketch[1]
                 self.captured_sketch = (y, w)
-                self.captured_noise_sketch = (yn, wn)
+                if signs is not None:
+                    # the same sketches of Σ ε δ xᵀ, ε = ±1 alternating per sample: the mean
+                    # gradient cancels, the sampling noise stays (growth's noise floor, growth.py)
+                    yn, wn = (g2 * signs).T @ xo, (gp * signs).T @ xs
+                    if self.captured_noise_sketch is not None:
+                        yn = yn + self.captured_noise_sketch[0]
+                        wn = wn + self.captured_noise_sketch[1]
+                    self.captured_noise_sketch = (yn, wn)
                 return
             g = g2.T @ xs  # (d_out, d_in)
             self.captured_grad = g if self.captured_grad is None else self.captured_grad + g

@@ -313,7 +313,7 @@ class RankController:
             sketch = sketch_test_matrices(
                 layer.lora_P, layer.lora_Q, k, seed=self._sketch_seed(next_step, i)
             )
-            self.capture[name].capture_gradient(True, sketch=sketch)
+            self.capture[name].capture_gradient(True, sketch=sketch, noise=self.denoise_growth)
 
     # ------------------------------------------------------------------ observe
     def observe(self) -> None:
@@ -334,7 +334,7 @@ class RankController:
 
     def _consume_sketch(self, name, cap, dist) -> None:
         if cap.captured_sketch is not None and cap.captured_tokens:
-            parts = [*cap.captured_sketch, *cap.captured_noise_sketch]
+            parts = [*cap.captured_sketch, *(cap.captured_noise_sketch or ())]
             if dist is not None:
                 flat = torch.cat([t.flatten() for t in parts])
                 dist.all_reduce(flat)
@@ -342,10 +342,10 @@ class RankController:
                 parts = [
                     c.view_as(t) for c, t in zip(flat.split([t.numel() for t in parts]), parts)
                 ]
-            y, w, yn, wn = (t.detach().cpu() for t in parts)
+            y, w, *noise = (t.detach().cpu() for t in parts)
             psi = cap.sketch[1]
             samples = cap.captured_inputs().detach().cpu()
-            self._captured[name] = (y, w, psi.cpu(), samples, (yn, wn))
+            self._captured[name] = (y, w, psi.cpu(), samples, tuple(noise) or None)
         cap.capture_gradient(False)
 
     # ------------------------------------------------------------------ step
@@ -401,10 +401,8 @@ class RankController:
             if name in self._captured and room > 0 and sched.allows_growth(step):
                 y, w, psi, samples, noise = self._captured[name]
                 k = min(self.candidates_per_layer, room)
-                cand = candidates_from_sketch(
-                    y, w, psi, layer.lora_P, layer.lora_Q, k, noise if self.denoise_growth else None
-                )
-                if self.denoise_growth:
+                cand = candidates_from_sketch(y, w, psi, layer.lora_P, layer.lora_Q, k, noise)
+                if noise is not None:  # denoise_growth: none at or under the noise floor
                     cand = cand.keep(cand.signal > 0)
                 cand.energy_in = self._mean_input_energy(samples, cand.q_rows)
                 cands[name] = cand

@@ -63,7 +63,7 @@ def test_noise_sketch_equals_sketch_of_the_sign_flipped_gradient():
     cap = LayerCapture(layer)
     layer.train()
     omega, psi = sketch_test_matrices(layer.lora_P, layer.lora_Q, 3, seed=1)
-    cap.capture_gradient(True, sketch=(omega, psi))
+    cap.capture_gradient(True, sketch=(omega, psi), noise=True)
     x, t = torch.randn(6, 4, D_IN), torch.randn(6, 4, D_OUT)
     # two micro-batches of 2 and 4 samples (even: the signs are those of the whole batch)
     for sl in (slice(0, 2), slice(2, 6)):
@@ -80,6 +80,9 @@ def test_noise_sketch_equals_sketch_of_the_sign_flipped_gradient():
     assert cap.memory_bytes() >= 2 * (y.nbytes + w.nbytes)
     cap.capture_gradient(False)
     assert cap.captured_noise_sketch is None
+    cap.capture_gradient(True, sketch=(omega, psi))  # the plain rule: no noise sketch kept
+    ((layer(x) - t) ** 2).sum().backward()
+    assert cap.captured_sketch is not None and cap.captured_noise_sketch is None
 
 
 def test_noise_floor_of_an_exactly_sketched_matrix_is_its_top_singular_value():
