@@ -182,6 +182,16 @@ def run_one(args, data, method: str, r: int, lr: float, seed: int) -> dict:
             controller_module.replace_parameter = functools.partial(
                 replace_parameter, second_moment=args.adarank_new_slot_moments
             )
+        elif args.adarank_retract or args.adarank_max_delta_ratio:
+            # adarank-fixed: no schedule (ranks never change), but the same per-step retraction
+            # and trust region as adarank, so the pair isolates what allocation adds
+            controller = RankController(
+                layers,
+                None,
+                retract=args.adarank_retract,
+                max_delta_ratio=args.adarank_max_delta_ratio or None,
+                seed=seed,
+            )
     elif method == "lora":
         cfg = LoraConfig(
             r=r, lora_alpha=r, target_modules=BERT_TARGET_REGEX, modules_to_save=["classifier"]

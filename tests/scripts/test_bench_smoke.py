@@ -249,6 +249,10 @@ def test_quality_smoke_budgets(quality):
             assert set(r["ranks"].values()) == {r["budget_r"]}
             assert r["physical_params_end"] == r["physical_params_start"]
             assert r["adarank_config"]["adarank_scaling"] == 16.0
+            # the retraction runs without allocation too: P, Q stay orthonormal (Adam alone
+            # moves their columns off unit length within a few steps at this rate)
+            assert r["adarank_config"]["adarank_retract"] is True
+            assert r["trace"][-1]["factor_norm_max"] == pytest.approx(1.0, abs=1e-4)
         if r["method"] == "adalora":
             assert sum(r["ranks"].values()) == r["budget_r"] * len(dims)
             assert r["physical_params_end"] == r["physical_params_start"]  # masks, never resizes
