@@ -139,14 +139,13 @@ def _adapter_params(method: str, model, controller, dims: dict) -> int:
 @torch.no_grad()
 def _evaluate(args, model, data) -> dict:
     from adarank.lightning.generation import answer_accuracy, greedy_generate
-    from adarank.lightning.tasks import run_task
 
     model.eval()
-    total, count = 0.0, 0
+    sums, counts = [], []  # per validation example: summed response-token loss, its tokens
     for batch in data.val_dataloader():
-        out = run_task("causal_lm", model, batch)
-        total += float(out.loss) * out.weight
-        count += out.weight
+        s, n = _example_losses(model, batch)
+        sums += s
+        counts += n
     examples = [e for e in data.generation_examples(args.n_generate) if e.get("short", True)]
     new = greedy_generate(
         model,
@@ -158,10 +157,29 @@ def _evaluate(args, model, data) -> dict:
     texts = [data.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
     model.train()
     return {
-        "val_loss": total / count,
+        "val_loss": sum(sums) / sum(counts),
         "answer_acc": answer_accuracy(texts, [e["reference"] for e in examples]),
         "answer_n": len(examples),
+        # what paired comparisons need (same seed = same validation examples, in order)
+        "val_example_loss": [round(v, 5) for v in sums],
+        "val_example_tokens": counts,
     }
+
+
+@torch.no_grad()
+def _example_losses(model, batch) -> tuple[list[float], list[int]]:
+    """Per example of ``batch``: the summed cross-entropy of its response tokens (labels not
+    -100; logits at t predict the label at t + 1, as the ``causal_lm`` task) and their number.
+    Their totals give the task's token-weighted validation loss."""
+    from adarank.lightning.tasks import IGNORE_INDEX
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    mask = labels != IGNORE_INDEX
+    return (ce * mask).sum(1).tolist(), mask.sum(1).tolist()
 
 
 def _lr_lambda(steps: int):
@@ -360,6 +378,7 @@ def report(records: list[dict]) -> str:
                 f"| {statistics.median(x['step_s_median'] for x in rows):.2f} "
                 f"| {max(x['peak_rss_mb'] for x in rows):,.0f} |"
             )
+    lines += paired_lines(records, best_lr)
     base = [x["base"] for x in records if x.get("base")]
     if base:
         lines.append(
@@ -367,6 +386,55 @@ def report(records: list[dict]) -> str:
             f"answer acc {base[0]['answer_acc']:.3f} on {base[0]['answer_n']} examples."
         )
     return "\n".join(lines)
+
+
+def paired_difference(a: dict, b: dict) -> tuple[float, float, int]:
+    """Held-out loss of record ``a`` minus ``b`` on the same validation examples: ``(D, SE,
+    N)`` with ``D = Σ(aᵢ − bᵢ) / Σ nᵢ`` (token-weighted, as ``val_loss``) and the standard
+    error of that sum over the N examples. It covers the sampling of validation examples only,
+    not the training seed's effect."""
+    if a["protocol"] != b["protocol"] or a["seed"] != b["seed"]:
+        raise ValueError("paired records need the same protocol and seed (same examples)")
+    if a["val_example_tokens"] != b["val_example_tokens"]:
+        raise ValueError("the two records were evaluated on different examples")
+    d = [x - y for x, y in zip(a["val_example_loss"], b["val_example_loss"])]
+    tokens, n = sum(a["val_example_tokens"]), len(d)
+    sd = statistics.stdev(d) if n > 1 else 0.0
+    return sum(d) / tokens, sd * math.sqrt(n) / tokens, n
+
+
+def paired_lines(records: list[dict], best_lr: dict) -> list[str]:
+    """Every variant against PEFT LoRA at their tuned rates, seed by seed on the same
+    validation examples (records that carry per-example losses)."""
+    out = []
+    lora = best_lr.get("lora")
+    for r in sorted({rec["budget_r"] for rec in records}):
+        for variant in sorted(v for v in best_lr if v != "lora" and lora is not None):
+            pairs = []
+            for a in records:
+                if _variant(a) != variant or a["budget_r"] != r:
+                    continue
+                if a["lr"] != best_lr[variant]["lr"] or "val_example_loss" not in a:
+                    continue
+                for b in records:
+                    same = (b["budget_r"], b["seed"], b["protocol"]) == (
+                        r,
+                        a["seed"],
+                        a["protocol"],
+                    )
+                    if _variant(b) == "lora" and b["lr"] == lora["lr"] and same:
+                        if "val_example_loss" in b:
+                            pairs.append((a["seed"], *paired_difference(a, b)))
+            if pairs:
+                per_seed = ", ".join(f"seed {s}: {d:+.4f} ± {se:.4f}" for s, d, se, _ in pairs)
+                mean = statistics.fmean(d for _, d, _, _ in pairs)
+                se = math.sqrt(sum(x[2] ** 2 for x in pairs)) / len(pairs)
+                out.append(
+                    f"\n{variant} − lora at r = {r} (held-out loss, paired on "
+                    f"{pairs[0][3]} examples per seed; ± validation-sampling SE): {per_seed}; "
+                    f"mean {mean:+.4f} ± {se:.4f}"
+                )
+    return out
 
 
 def run_timing(args) -> dict:
